@@ -1,0 +1,95 @@
+"""The shapes world's data splits and fixed evaluation prompt lists.
+
+Splits (WORLD.md "Held-out compositions"):
+
+- ``train``: scenes without a purple triangle or a yellow square. The only split the
+  VAE, the text encoder / CLIP, the teacher, the student and the adapter may see.
+- ``test-seen``: same distribution as ``train`` (seen compositions only), drawn from
+  a disjoint random stream, so images never repeat train images.
+- ``test-held``: only scenes that contain a purple triangle or a yellow square
+  (singles and counts of a held-out pair; pairs with at least one held-out object).
+- ``database``: every composition including the held-out ones: the retrieval database.
+
+Kind mix: every split draws its kind uniformly from single, pair_h, pair_v, count
+(``render.KIND_PROBS``), then colours/shapes uniformly from the split's pool,
+positions uniformly, counts uniformly from {2, 3}.
+
+Determinism: item ``i`` of ``world_pairs(split, n, seed)`` depends only on
+``(split, seed, i)`` through ``numpy.random.SeedSequence([split code, stream, seed, i])``;
+the split code keeps the streams of different splits disjoint, so test-seen
+images are never train images even for equal seeds. Evaluation prompts use
+their own stream and a fixed seed, so ``eval_prompts(split, n)`` is the same
+list everywhere (the first 100 of ``n = 200`` equal ``n = 100``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from imageragturbo.world.render import SPLITS, render, sample_spec
+from imageragturbo.world.spec import SceneSpec, caption
+
+_SPLIT_CODE = {"train": 101, "test-seen": 202, "test-held": 303, "database": 404}
+_PAIRS_STREAM = 1
+_EVAL_STREAM = 2
+EVAL_SEED = 20261122
+
+
+def _split_code(split: str) -> int:
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return _SPLIT_CODE[split]
+
+
+def item_rng(split: str, seed: int, index: int, stream: int = _PAIRS_STREAM) -> np.random.Generator:
+    """The generator of item ``index`` of a split's stream (see module docstring)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    return np.random.default_rng(np.random.SeedSequence([_split_code(split), stream, seed, index]))
+
+
+def world_pair(split: str, seed: int, index: int) -> tuple[np.ndarray, str, SceneSpec]:
+    """One (image uint8 [32, 32, 3], caption, spec) triple of ``split``."""
+    rng = item_rng(split, seed, index)
+    spec = sample_spec(rng, split)
+    return render(spec, rng), caption(spec), spec
+
+
+def iter_world_pairs(split: str, n: int | None, seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, str, SceneSpec]]:
+    """Items ``start, start+1, ...`` of a split (endless if ``n`` is None)."""
+    _split_code(split)
+    i = start
+    while n is None or i < start + n:
+        yield world_pair(split, seed, i)
+        i += 1
+
+
+def world_pairs(split: str, n: int, seed: int = 0) -> list[tuple[np.ndarray, str, SceneSpec]]:
+    """``n`` (image uint8 [32, 32, 3], caption, spec) triples of ``split``."""
+    return list(iter_world_pairs(split, n, seed))
+
+
+def world_arrays(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[SceneSpec]]:
+    """Like :func:`world_pairs` but images stacked: uint8 [n, 32, 32, 3], captions, specs."""
+    pairs = world_pairs(split, n, seed)
+    if not pairs:
+        return np.zeros((0, 32, 32, 3), np.uint8), [], []
+    images, captions, specs = zip(*pairs)
+    return np.stack(images), list(captions), list(specs)
+
+
+def eval_prompts(split: str, n: int = 200) -> list[tuple[str, int]]:
+    """The fixed evaluation prompts of a split: ``n`` (caption, seed) pairs.
+
+    The seed is for the generator's initial noise; the same (caption, seed) list is
+    returned on every machine. Only ``test-seen`` and ``test-held`` are meant for
+    evaluation, but any split is accepted.
+    """
+    out = []
+    for i in range(n):
+        rng = item_rng(split, EVAL_SEED, i, stream=_EVAL_STREAM)
+        spec = sample_spec(rng, split)
+        out.append((caption(spec), int(rng.integers(0, 2**31 - 1))))
+    return out
