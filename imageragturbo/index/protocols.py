@@ -1,0 +1,49 @@
+"""The two seams of retrieval: a Searcher finds neighbour ids, a FeatureStore hands over their rows.
+
+Shapes, not code, are the contract (DESIGN.md):
+
+- ``Searcher.search(q float32 [B, D], k) -> (ids int64 [B, k], scores float32 [B, k])``, with q
+  L2-normalised and scores dot products (higher is nearer). A lexical searcher ignores q and
+  reads ``texts``; the others ignore ``texts``.
+- ``FeatureStore`` rows are precomputed once when the database is built: the text embedding
+  ``e`` (L2-normalised, float [Dq]), the retrieved H-feature ``h_retr`` (the UNet encoder's
+  mid-block output for the clean latent at t = 0 with its own caption, float [C, h, w]) and the
+  caption. ``model_id`` names the model that computed them; a pipeline refuses a store from
+  another model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Searcher(Protocol):
+    def search(
+        self, q: np.ndarray, k: int, texts: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class FeatureStore(Protocol):
+    model_id: str
+
+    def __len__(self) -> int: ...
+
+    def text_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> float [B, k, Dq]."""
+        ...
+
+    def h_features(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> float [B, k, C, h, w]."""
+        ...
+
+    def captions(self, ids: np.ndarray) -> list[list[str]]:
+        """ids int64 [B, k] -> B lists of k captions."""
+        ...
+
+    def source_ids(self, ids: np.ndarray) -> list[list[str]]:
+        """ids int64 [B, k] -> B lists of k source ids (the pair's name in its dataset)."""
+        ...

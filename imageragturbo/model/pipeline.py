@@ -1,0 +1,297 @@
+"""RagTurboPipeline: prompt -> retrieval -> one (or a few) UNet passes with an H-space edit -> image.
+
+One entry point, ``__call__``, whose body is the request path of DESIGN.md as numbered steps.
+The pipeline holds no global state and no per-call state on ``self``, so one worker thread may
+call it repeatedly; randomness comes only from per-item seeded generators, so an item's image is
+the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imageragturbo.index.store import RetrievalDatabase
+from imageragturbo.model.adapter import retrieval_gate
+from imageragturbo.model.denoiser import MODES, RagDenoiser
+from imageragturbo.model.loading import ModelComponents, load_model
+from imageragturbo.model.text import PromptEncoder
+from imageragturbo.model.unet_split import SplitUNet
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("text_encode", "retrieve", "denoise", "vae_decode", "postprocess")
+MAX_STEPS = 4
+
+
+@dataclass
+class Neighbor:
+    id: str
+    caption: str
+    score: float
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray
+    """uint8 [B, H, W, 3]."""
+    latents: torch.Tensor
+    """float32 [B, c, h, w]: the final x0 estimate, before the VAE."""
+    seeds: list[int]
+    mode: str
+    steps: int
+    lam: torch.Tensor | None
+    """float32 [B]: the adapter gate (mean cosine to the neighbours); None when nothing was retrieved."""
+    neighbors: list[list[Neighbor]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage for the whole batch, in milliseconds."""
+
+
+def few_step_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
+    """The paper's schedule T_n = {1.0, 0.75, 0.5, 0.25}*T for n = 4 (trailing spacing):
+    1 step -> [999]; 2 -> [999, 499]; 4 -> [999, 749, 499, 249] for T = 1000."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+    return [round(num_train_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
+
+
+class _StageClock:
+    def __init__(self):
+        self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] += (time.perf_counter() - start) * 1e3
+
+
+class RagTurboPipeline:
+    """Text-to-image in 1-4 UNet passes, with retrieval blended into the H-space."""
+
+    def __init__(self, components: ModelComponents, databases: Sequence[RetrievalDatabase] = ()):
+        self.components = components
+        self.encoder = PromptEncoder(components.tokenizer, components.text_encoder)
+        self.split = SplitUNet(components.unet)
+        self.denoisers = {
+            mode: RagDenoiser(self.split, components.adapter, mode)
+            for mode in MODES
+            if mode != "adapter" or components.adapter is not None
+        }
+        scheduler_config = components.scheduler.config
+        self.num_train_timesteps = int(scheduler_config.num_train_timesteps)
+        self.prediction_type = scheduler_config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+        self.alphas_cumprod = components.scheduler.alphas_cumprod.double()
+        sample_size = components.unet.config.sample_size
+        hw = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        self.latent_shape = (int(components.unet.config.in_channels), *map(int, hw))
+        self.databases: dict[str, RetrievalDatabase] = {}
+        for database in databases:
+            self.add_database(database)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        adapter_dir: str | Path | None = None,
+        lora_dir: str | Path | None = None,
+        databases: Sequence[RetrievalDatabase] = (),
+    ) -> RagTurboPipeline:
+        return cls(load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir), databases)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.components.unet.parameters()).device
+
+    def add_database(self, database: RetrievalDatabase) -> None:
+        """Register a database; refuses one whose features were computed by another model."""
+        if database.store.model_id != self.components.model_id:
+            raise ValueError(
+                f"database {database.name!r} was built with model {database.store.model_id}, "
+                f"but the loaded model is {self.components.model_id}; rebuild it with this model"
+            )
+        if database.name in self.databases:
+            raise ValueError(f"database name {database.name!r} is given twice")
+        self.databases[database.name] = database
+
+    # -- the request path ------------------------------------------------------------------
+
+    def check_inputs(self, prompts, seeds, mode, steps, inject_w, k, database) -> None:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        for seed in seeds:
+            if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in self.denoisers:
+            raise ValueError(f"mode {mode!r} needs a trained H-space adapter; this model has no adapter/")
+        few_step_timesteps(steps, self.num_train_timesteps)
+        weights = np.atleast_1d(np.asarray(inject_w, dtype=np.float64))
+        if weights.shape[0] not in (1, len(prompts)) or bool(((weights <= 0) | (weights > 1)).any()):
+            raise ValueError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
+        if mode != "off":
+            if not self.databases:
+                raise ValueError(f"mode {mode!r} retrieves, but no database is loaded (give an index)")
+            if database is not None and database not in self.databases:
+                raise ValueError(f"unknown database {database!r}; configured: {sorted(self.databases)}")
+            n = len(self.databases[database or next(iter(self.databases))].store)
+            if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+                raise ValueError(f"k must be an integer in [1, {n}], got {k!r}")
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        mode: str = "adapter",
+        steps: int = 1,
+        inject_w: float | Sequence[float] = 0.8,
+        k: int = 4,
+        database: str | None = None,
+    ) -> GenerationResult:
+        # 1. check inputs
+        prompts, seeds = list(prompts), [int(s) for s in seeds]
+        self.check_inputs(prompts, seeds, mode, steps, inject_w, k, database)
+        clock = _StageClock()
+        device = self.device
+        batch = len(prompts)
+
+        # 2. encode text: cross-attention context and the retrieval query from one pass
+        with clock.stage("text_encode"):
+            encoded = self.encoder(prompts)
+            ctx = encoded.ctx
+
+        # 3. retrieve: k neighbours, their stored H-features and the gate lambda
+        h_retr = lam = None
+        neighbors: list[list[Neighbor]] = [[] for _ in prompts]
+        if mode != "off":
+            with clock.stage("retrieve"):
+                db = self.databases[database or next(iter(self.databases))]
+                k_search = 1 if mode == "inject" else k
+                ids, scores = db.searcher.search(encoded.q.cpu().numpy(), k_search, texts=prompts)
+                e_retr = torch.from_numpy(np.asarray(db.store.text_embeddings(ids), dtype=np.float32))
+                lam = retrieval_gate(encoded.q.cpu(), e_retr)
+                h_retr = torch.from_numpy(np.asarray(db.store.h_features(ids))).to(device, ctx.dtype)
+                neighbors = [
+                    [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
+                    for srow, crow, xrow in zip(db.store.source_ids(ids), db.store.captions(ids), scores)
+                ]
+
+        # 4. noise from the seeds: one generator per item, so batching never changes an image
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        z_t = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(device, ctx.dtype)
+
+        # 5.-7. UNet encoder -> adapter | injection | nothing -> UNet decoder, x0 from the output
+        timesteps = few_step_timesteps(steps, self.num_train_timesteps)
+        w = torch.as_tensor(inject_w, dtype=torch.float32).reshape(-1).expand(batch).to(device)
+        lam_dev = lam.to(device) if lam is not None else None
+        denoiser = self.denoisers[mode]
+        with clock.stage("denoise"):
+            for i, t in enumerate(timesteps):
+                t_batch = torch.full((batch,), t, dtype=torch.int64, device=device)
+                model_output = self.denoise(denoiser, z_t, t_batch, ctx, h_retr, lam_dev, w)
+                z0 = self.predict_x0(model_output, z_t, t)
+                if i + 1 < len(timesteps):
+                    # Few-step sampling re-noises x0 to the next level with fresh noise from
+                    # each item's own generator (as ADD/LCM sample).
+                    noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators])
+                    z_t = self.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
+
+        # 8. VAE decode
+        with clock.stage("vae_decode"):
+            pixels = self.vae_decode(z0)
+
+        # 9. uint8 images
+        with clock.stage("postprocess"):
+            images = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+
+        return GenerationResult(
+            images=images,
+            latents=z0.float().cpu(),
+            seeds=seeds,
+            mode=mode,
+            steps=steps,
+            lam=lam,
+            neighbors=neighbors,
+            timings_ms=clock.ms,
+        )
+
+    # -- the stages that engines can replace -------------------------------------------------
+
+    def denoise(self, denoiser, z_t, t, ctx, h_retr, lam, inject_w) -> torch.Tensor:
+        """One UNet pass (encoder, H-space edit, decoder) -> model output [B, c, h, w]."""
+        return denoiser(z_t, t, ctx, h_retr, lam, inject_w)
+
+    def vae_decode(self, z0: torch.Tensor) -> torch.Tensor:
+        """Latents float [B, c, h, w] -> pixels float [B, 3, H, W] in [-1, 1]."""
+        vae = self.components.vae
+        latents = z0 / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            latents = latents + shift
+        return vae.decode(latents).sample
+
+    # -- diffusion arithmetic (variance-preserving form: z_t = a_t z0 + s_t eps) ------------
+
+    def _alpha_sigma(self, t: int) -> tuple[float, float]:
+        abar = float(self.alphas_cumprod[t])
+        return abar**0.5, (1 - abar) ** 0.5
+
+    def predict_x0(self, model_output: torch.Tensor, z_t: torch.Tensor, t: int) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        if self.prediction_type == "epsilon":
+            return (z_t - sigma * model_output) / alpha
+        if self.prediction_type == "v_prediction":
+            return alpha * z_t - sigma * model_output
+        return model_output
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        return alpha * z0 + sigma * noise
+
+    # -- database building helpers (used by the index builder) ------------------------------
+
+    @torch.inference_mode()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> scaled VAE latents z0 float32 [N, c, h, w] (the mean, no sampling)."""
+        vae = self.components.vae
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(self.device, next(vae.parameters()).dtype)
+        encoded = vae.encode(x)
+        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            latents = latents - shift
+        return (latents * vae.config.scaling_factor).float()
+
+    @torch.inference_mode()
+    def encode_database_rows(self, z0: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean latents float [N, c, h, w] + captions -> (e float32 [N, Dq], h_retr float32 [N, C, h, w]).
+
+        ``h_retr`` is the UNet encoder's mid-block output at t = 0 with the item's own caption
+        (paper sec. 3.2): prompt-independent, so computed once here and stored.
+        """
+        encoded = self.encoder(captions)
+        t0 = torch.zeros(len(captions), dtype=torch.int64, device=self.device)
+        h = self.split.encode(z0.to(self.device, encoded.ctx.dtype), t0, encoded.ctx).h
+        return encoded.q.float(), h.float()

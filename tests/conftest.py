@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_model_dir  # noqa: E402
+
+# The suite runs on 2 shared cores; one thread per test process keeps timings sane and
+# results independent of the machine's core count.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny SD-Turbo-like model directory (epsilon prediction, Euler, AutoencoderKL)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model_dir(tmp_path_factory) -> Path:
+    """A tiny shapes-world-like directory: v-prediction, zero-terminal-SNR DDIM, AutoencoderTiny."""
+    return build_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny_v_model"), unet="three_level", vae="tiny", prediction_type="v_prediction"
+    )

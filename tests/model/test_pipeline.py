@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+import torch
+
+from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, few_step_timesteps, load_model
+
+CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle at the top", "three red circles"]
+PROMPTS = ["a red circle", "two blue squares on the right", "a yellow square above a purple triangle"]
+
+
+def _database(pipe, name="db", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(len(CAPTIONS), *pipe.latent_shape, generator=gen)
+    e, h = pipe.encode_database_rows(z0, CAPTIONS)
+    store = InMemoryFeatureStore(e.numpy(), h.numpy().astype(np.float16), CAPTIONS, pipe.components.model_id)
+    return RetrievalDatabase(name, ExactSearcher(e.numpy()), store)
+
+
+def _pipeline(model_dir, trained_adapter=True):
+    parts = load_model(model_dir)
+    torch.manual_seed(0)
+    parts.adapter = HSpaceAdapter(channels=parts.unet.config.block_out_channels[-1], num_heads=4).eval()
+    if trained_adapter:
+        torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
+    pipe = RagTurboPipeline(parts)
+    pipe.add_database(_database(pipe))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def v_pipe(tiny_v_model_dir):
+    return _pipeline(tiny_v_model_dir)
+
+
+@pytest.fixture(scope="module")
+def eps_pipe(tiny_model_dir):
+    return _pipeline(tiny_model_dir)
+
+
+def test_few_step_schedule_is_the_papers():
+    assert few_step_timesteps(1, 1000) == [999]
+    assert few_step_timesteps(2, 1000) == [999, 499]
+    assert few_step_timesteps(4, 1000) == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="steps must be in"):
+        few_step_timesteps(5, 1000)
+
+
+@pytest.mark.parametrize("mode", ["off", "inject", "adapter"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_batch_equals_singles(v_pipe, mode, steps):
+    seeds = [11, 2**62 + 5, 0]
+    batch = v_pipe(PROMPTS, seeds, mode=mode, steps=steps, k=3, inject_w=[0.8, 0.5, 0.2])
+    for i, (prompt, seed, w) in enumerate(zip(PROMPTS, seeds, [0.8, 0.5, 0.2])):
+        single = v_pipe([prompt], [seed], mode=mode, steps=steps, k=3, inject_w=w)
+        assert (batch.latents[i] - single.latents[0]).abs().max().item() <= 1e-5
+        assert np.abs(batch.images[i].astype(int) - single.images[0].astype(int)).max() <= 1
+        assert [n.caption for n in batch.neighbors[i]] == [n.caption for n in single.neighbors[0]]
+
+
+def test_batch_equals_singles_epsilon_model(eps_pipe):
+    # A random epsilon model divides by alpha_999 ~ 0.07, so its latents reach ~500: compare
+    # relative to their scale (float32 rounding there is ~5e-5 absolute).
+    batch = eps_pipe(PROMPTS, [1, 2, 3], mode="adapter", k=2)
+    for i in range(3):
+        single = eps_pipe([PROMPTS[i]], [i + 1], mode="adapter", k=2)
+        scale = single.latents.abs().max().item()
+        assert (batch.latents[i] - single.latents[0]).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_same_seed_same_image_different_seed_different_image(v_pipe):
+    a = v_pipe(["a red circle"], [7], mode="adapter")
+    b = v_pipe(["a red circle"], [7], mode="adapter")
+    c = v_pipe(["a red circle"], [8], mode="adapter")
+    assert np.array_equal(a.images, b.images)
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_modes_differ_and_untrained_adapter_equals_off(tiny_v_model_dir, v_pipe):
+    off = v_pipe(PROMPTS, [1, 2, 3], mode="off")
+    inject = v_pipe(PROMPTS, [1, 2, 3], mode="inject", inject_w=0.3)
+    adapter = v_pipe(PROMPTS, [1, 2, 3], mode="adapter")
+    assert not torch.allclose(off.latents, inject.latents)
+    assert not torch.allclose(off.latents, adapter.latents)
+    untrained = _pipeline(tiny_v_model_dir, trained_adapter=False)
+    assert torch.equal(untrained(PROMPTS, [1, 2, 3], mode="adapter").latents, off.latents)
+    assert torch.equal(untrained(PROMPTS, [1, 2, 3], mode="inject", inject_w=1.0).latents, off.latents)
+
+
+def test_result_fields(v_pipe):
+    result = v_pipe(PROMPTS[:2], [1, 2], mode="adapter", k=3)
+    assert result.images.dtype == np.uint8 and result.images.shape == (2, 20, 20, 3)
+    assert set(result.timings_ms) == {"text_encode", "retrieve", "denoise", "vae_decode", "postprocess"}
+    assert all(ms >= 0 for ms in result.timings_ms.values()) and result.timings_ms["retrieve"] > 0
+    assert [len(n) for n in result.neighbors] == [3, 3]
+    scores = [n.score for n in result.neighbors[0]]
+    assert scores == sorted(scores, reverse=True)
+    assert result.lam.shape == (2,) and bool(((result.lam >= -1) & (result.lam <= 1)).all())
+    inject = v_pipe(PROMPTS[:1], [1], mode="inject")
+    assert len(inject.neighbors[0]) == 1  # injection uses the top-1 neighbour only
+    off = v_pipe(PROMPTS[:1], [1], mode="off")
+    assert off.neighbors == [[]] and off.lam is None and off.timings_ms["retrieve"] == 0
+
+
+def test_exact_caption_is_retrieved_first(v_pipe):
+    result = v_pipe(["two blue squares"], [0], mode="adapter", k=2)
+    assert result.neighbors[0][0].caption == "two blue squares"
+    assert result.neighbors[0][0].score == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prompts=[], seeds=[]), "non-empty list"),
+        (dict(prompts=["  "], seeds=[1]), "non-empty string"),
+        (dict(prompts=["a"], seeds=[1, 2]), "2 seeds for 1 prompts"),
+        (dict(prompts=["a"], seeds=[-1]), "seed must be"),
+        (dict(prompts=["a"], seeds=[1], mode="fast"), "mode must be one of"),
+        (dict(prompts=["a"], seeds=[1], steps=0), "steps must be in"),
+        (dict(prompts=["a"], seeds=[1], k=99), "k must be an integer in \\[1, 4\\]"),
+        (dict(prompts=["a"], seeds=[1], mode="inject", inject_w=0.0), "inject_w must be in"),
+        (dict(prompts=["a"], seeds=[1], database="../etc"), "unknown database"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_them(v_pipe, kwargs, message):
+    prompts, seeds = kwargs.pop("prompts"), kwargs.pop("seeds")
+    with pytest.raises(ValueError, match=message):
+        v_pipe(prompts, seeds, **kwargs)
+
+
+def test_database_from_another_model_is_refused(tiny_model_dir, v_pipe):
+    other = RagTurboPipeline(load_model(tiny_model_dir))
+    with pytest.raises(ValueError, match="was built with model"):
+        other.add_database(v_pipe.databases["db"])
+
+
+def test_adapter_mode_without_adapter_is_refused(tiny_model_dir):
+    pipe = RagTurboPipeline(load_model(tiny_model_dir))
+    assert "adapter" not in pipe.denoisers
+    pipe.add_database(_database(pipe))
+    with pytest.raises(ValueError, match="needs a trained H-space adapter"):
+        pipe(["a"], [1], mode="adapter")
+    with pytest.raises(ValueError, match="no database is loaded"):
+        RagTurboPipeline(load_model(tiny_model_dir))(["a"], [1], mode="inject")
+
+
+def test_x0_parameterisations(v_pipe):
+    z0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = 600
+    z_t = v_pipe.add_noise(z0, eps, t)
+    alpha, sigma = v_pipe._alpha_sigma(t)
+    v = alpha * eps - sigma * z0
+    torch.testing.assert_close(v_pipe.predict_x0(v, z_t, t), z0, rtol=1e-5, atol=1e-5)
+    v_pipe.prediction_type = "epsilon"
+    try:
+        torch.testing.assert_close(v_pipe.predict_x0(eps, z_t, t), z0, rtol=1e-5, atol=1e-5)
+    finally:
+        v_pipe.prediction_type = "v_prediction"
