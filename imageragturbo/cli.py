@@ -70,11 +70,29 @@ def _generate(args) -> int:
     return 0
 
 
+# Subcommands that live with their subsystem. Each module defines ``register(sub, group)``:
+# ``sub`` is the top-level subparsers object; ``group(name, help)`` returns the nested
+# subparsers of a shared command (``train``, ``bench``, ``eval``), creating it once, so several
+# subsystems can add e.g. ``bench latency`` and ``bench retrieval``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="imageragturbo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    groups: dict[str, argparse._SubParsersAction] = {}
+
+    def group(name: str, help: str) -> argparse._SubParsersAction:
+        if name not in groups:
+            groups[name] = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+        return groups[name]
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub, group)
     return parser
 
 
