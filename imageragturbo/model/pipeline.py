@@ -22,6 +22,7 @@ from imageragturbo.index.store import RetrievalDatabase
 from imageragturbo.model.adapter import retrieval_gate
 from imageragturbo.model.denoiser import MODES, RagDenoiser
 from imageragturbo.model.loading import ModelComponents, load_model
+from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
 
@@ -87,12 +88,8 @@ class RagTurboPipeline:
             for mode in MODES
             if mode != "adapter" or components.adapter is not None
         }
-        scheduler_config = components.scheduler.config
-        self.num_train_timesteps = int(scheduler_config.num_train_timesteps)
-        self.prediction_type = scheduler_config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
-        self.alphas_cumprod = components.scheduler.alphas_cumprod.double()
+        self.schedule = NoiseSchedule.from_scheduler(components.scheduler)
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         sample_size = components.unet.config.sample_size
         hw = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         self.latent_shape = (int(components.unet.config.in_channels), *map(int, hw))
@@ -209,12 +206,12 @@ class RagTurboPipeline:
             for i, t in enumerate(timesteps):
                 t_batch = torch.full((batch,), t, dtype=torch.int64, device=device)
                 model_output = self.denoise(denoiser, z_t, t_batch, ctx, h_retr, lam_dev, w)
-                z0 = self.predict_x0(model_output, z_t, t)
+                z0 = self.schedule.predict_x0(model_output, z_t, t)
                 if i + 1 < len(timesteps):
                     # Few-step sampling re-noises x0 to the next level with fresh noise from
                     # each item's own generator (as ADD/LCM sample).
                     noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators])
-                    z_t = self.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
+                    z_t = self.schedule.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
 
         # 8. VAE decode
         with clock.stage("vae_decode"):
@@ -250,24 +247,6 @@ class RagTurboPipeline:
         if shift:
             latents = latents + shift
         return vae.decode(latents).sample
-
-    # -- diffusion arithmetic (variance-preserving form: z_t = a_t z0 + s_t eps) ------------
-
-    def _alpha_sigma(self, t: int) -> tuple[float, float]:
-        abar = float(self.alphas_cumprod[t])
-        return abar**0.5, (1 - abar) ** 0.5
-
-    def predict_x0(self, model_output: torch.Tensor, z_t: torch.Tensor, t: int) -> torch.Tensor:
-        alpha, sigma = self._alpha_sigma(t)
-        if self.prediction_type == "epsilon":
-            return (z_t - sigma * model_output) / alpha
-        if self.prediction_type == "v_prediction":
-            return alpha * z_t - sigma * model_output
-        return model_output
-
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        alpha, sigma = self._alpha_sigma(t)
-        return alpha * z0 + sigma * noise
 
     # -- database building helpers (used by the index builder) ------------------------------
 

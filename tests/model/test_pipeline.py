@@ -146,14 +146,17 @@ def test_adapter_mode_without_adapter_is_refused(tiny_model_dir):
 
 
 def test_x0_parameterisations(v_pipe):
+    from imageragturbo.model.schedule import NoiseSchedule
+
     z0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
-    t = 600
-    z_t = v_pipe.add_noise(z0, eps, t)
-    alpha, sigma = v_pipe._alpha_sigma(t)
-    v = alpha * eps - sigma * z0
-    torch.testing.assert_close(v_pipe.predict_x0(v, z_t, t), z0, rtol=1e-5, atol=1e-5)
-    v_pipe.prediction_type = "epsilon"
-    try:
-        torch.testing.assert_close(v_pipe.predict_x0(eps, z_t, t), z0, rtol=1e-5, atol=1e-5)
-    finally:
-        v_pipe.prediction_type = "v_prediction"
+    t = torch.tensor([600, 20])
+    for prediction_type in ("v_prediction", "epsilon", "sample"):
+        schedule = NoiseSchedule(v_pipe.schedule.alphas_cumprod, prediction_type)
+        z_t = schedule.add_noise(z0, eps, t)
+        alpha, sigma = schedule.alpha_sigma(t, z0)
+        output = {"v_prediction": alpha * eps - sigma * z0, "epsilon": eps, "sample": z0}[prediction_type]
+        torch.testing.assert_close(schedule.predict_x0(output, z_t, t), z0, rtol=1e-5, atol=1e-5)
+        one = schedule.predict_x0(output[:1], z_t[:1], 600)  # a scalar t broadcasts too
+        torch.testing.assert_close(one, z0[:1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseSchedule(v_pipe.schedule.alphas_cumprod, "flow")
