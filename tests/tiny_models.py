@@ -130,14 +130,19 @@ def build_tiny_model_dir(
     vae: str = "kl",
     prediction_type: str = "epsilon",
     seed: int = 0,
+    sample_size: int | None = None,
 ) -> Path:
-    """Write a complete tiny model directory at ``path`` and return it."""
+    """Write a complete tiny model directory at ``path`` and return it (``sample_size``
+    overrides the UNet's default latent size)."""
     path = Path(path)
     write_clip_tokenizer(path / "tokenizer")
     vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
     text_encoder = tiny_text_encoder(len(vocab), vocab["<|endoftext|>"], vocab["<|startoftext|>"], seed)
     text_encoder.save_pretrained(path / "text_encoder")
-    tiny_unet(unet, seed).save_pretrained(path / "unet")
+    unet_model = tiny_unet(unet, seed)
+    if sample_size is not None:
+        unet_model.register_to_config(sample_size=sample_size)
+    unet_model.save_pretrained(path / "unet")
     vae_model = tiny_vae(vae, seed)
     vae_model.save_pretrained(path / "vae")
     if prediction_type == "v_prediction":

@@ -26,6 +26,9 @@ class UNetEncoding:
     """The down path's residual features, in the order the up blocks consume them from the end."""
     temb: torch.Tensor
     """float [B, T]: the activated time embedding shared by every block."""
+    stages: tuple[torch.Tensor, ...] = ()
+    """Each down block's output, then the mid-block's: the multi-stage features that the
+    latent discriminator and the latent perceptual loss read."""
 
 
 class SplitUNet(torch.nn.Module):
@@ -66,19 +69,21 @@ class SplitUNet(torch.nn.Module):
 
         # 3. down
         skips: tuple[torch.Tensor, ...] = (sample,)
+        stages: tuple[torch.Tensor, ...] = ()
         for block in unet.down_blocks:
             if getattr(block, "has_cross_attention", False):
                 sample, res = block(hidden_states=sample, temb=temb, encoder_hidden_states=ctx)
             else:
                 sample, res = block(hidden_states=sample, temb=temb)
             skips += res
+            stages += (sample,)
 
         # 4. mid: its output is the H-space
         if getattr(unet.mid_block, "has_cross_attention", False):
             h = unet.mid_block(sample, temb, encoder_hidden_states=ctx)
         else:
             h = unet.mid_block(sample, temb)
-        return UNetEncoding(h=h, skips=skips, temb=temb)
+        return UNetEncoding(h=h, skips=skips, temb=temb, stages=stages + (h,))
 
     def decode(
         self,
