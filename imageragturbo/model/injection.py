@@ -25,6 +25,14 @@ def slerp_inject(h_tgt: torch.Tensor, h_retr: torch.Tensor, w: float | torch.Ten
     w_t = torch.as_tensor(w, dtype=torch.float32, device=h_tgt.device).reshape(-1).expand(b)
     if bool(((w_t <= 0) | (w_t > 1)).any()):
         raise ValueError(f"inject w must be in (0, 1], got {w_t.tolist()}")
+    return slerp_blend(h_tgt, h_retr, w_t)
+
+
+def slerp_blend(h_tgt: torch.Tensor, h_retr: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """:func:`slerp_inject` without its checks, w_t float32 [B]: the traceable core that the
+    exported ``denoise_inject`` graph runs (a data-dependent check cannot live in an ONNX graph,
+    so callers validate w first)."""
+    b = h_tgt.shape[0]
     tgt = h_tgt.reshape(b, -1).float()
     retr = h_retr.reshape(b, -1).float().to(tgt.device)
     norm_tgt = tgt.norm(dim=1, keepdim=True)

@@ -261,3 +261,18 @@ def load_model(
         model_dir=model_dir,
         model_id=model_id,
     )
+
+
+def load_teacher_unet(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The multi-step teacher kept with a model: ``teacher/`` when the model has a distilled
+    student in ``unet/``, else ``unet/`` itself (a model that is still only its teacher)."""
+    model_dir = Path(model_dir)
+    part_dir = model_dir / "teacher" if (model_dir / "teacher").is_dir() else model_dir / "unet"
+    _read_json(part_dir / "config.json")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            part_dir, local_files_only=True, use_safetensors=True, torch_dtype=dtype, variant=_variant(part_dir)
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the teacher UNet from {part_dir}: {exc}") from exc
+    return unet.eval().requires_grad_(False)

@@ -76,12 +76,28 @@ class _StageClock:
             self.ms[name] += (time.perf_counter() - start) * 1e3
 
 
-class RagTurboPipeline:
-    """Text-to-image in 1-4 UNet passes, with retrieval blended into the H-space."""
+def decode_latents(vae: torch.nn.Module, z0: torch.Tensor) -> torch.Tensor:
+    """Scaled latents float [B, c, h, w] -> pixels float [B, 3, H, W] in [-1, 1] (unclamped)."""
+    latents = z0 / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents + shift
+    return vae.decode(latents).sample
 
-    def __init__(self, components: ModelComponents, databases: Sequence[RetrievalDatabase] = ()):
+
+class RagTurboPipeline:
+    """Text-to-image in 1-4 UNet passes, with retrieval blended into the H-space.
+
+    ``engines`` (an :class:`imageragturbo.engines.PipelineEngines`, or None for the torch
+    modules) runs text encoding, ``denoise`` and ``vae_decode`` on compiled graphs instead;
+    see :meth:`use_engines`.
+    """
+
+    def __init__(self, components: ModelComponents, databases: Sequence[RetrievalDatabase] = (), engines=None):
         self.components = components
         self.encoder = PromptEncoder(components.tokenizer, components.text_encoder)
+        self._torch_encoder = self.encoder
+        self.engines = None
         self.split = SplitUNet(components.unet)
         self.denoisers = {
             mode: RagDenoiser(self.split, components.adapter, mode)
@@ -96,6 +112,8 @@ class RagTurboPipeline:
         self.databases: dict[str, RetrievalDatabase] = {}
         for database in databases:
             self.add_database(database)
+        if engines is not None:
+            self.use_engines(engines)
 
     @classmethod
     def from_pretrained(
@@ -111,6 +129,21 @@ class RagTurboPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.components.unet.parameters()).device
+
+    def use_engines(self, engines) -> None:
+        """Run text encoding, denoise and VAE decode on ``engines`` (None: back to the torch modules).
+
+        The engines must have a denoise graph for every mode this pipeline serves; the
+        retrieval, noise, schedule and postprocessing stay in this class either way.
+        """
+        if engines is None:
+            self.engines, self.encoder = None, self._torch_encoder
+            return
+        missing = sorted(set(self.denoisers) - set(engines.modes))
+        if missing:
+            raise ValueError(f"the {engines.kind} engines have no denoise graph for mode(s) {missing}; re-export the model")
+        self.engines = engines
+        self.encoder = engines.prompt_encoder(self._torch_encoder)
 
     def add_database(self, database: RetrievalDatabase) -> None:
         """Register a database; refuses one whose features were computed by another model."""
@@ -237,16 +270,15 @@ class RagTurboPipeline:
 
     def denoise(self, denoiser, z_t, t, ctx, h_retr, lam, inject_w) -> torch.Tensor:
         """One UNet pass (encoder, H-space edit, decoder) -> model output [B, c, h, w]."""
+        if self.engines is not None:
+            return self.engines.denoise(denoiser.mode, z_t, t, ctx, h_retr, lam, inject_w)
         return denoiser(z_t, t, ctx, h_retr, lam, inject_w)
 
     def vae_decode(self, z0: torch.Tensor) -> torch.Tensor:
         """Latents float [B, c, h, w] -> pixels float [B, 3, H, W] in [-1, 1]."""
-        vae = self.components.vae
-        latents = z0 / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift:
-            latents = latents + shift
-        return vae.decode(latents).sample
+        if self.engines is not None:
+            return self.engines.vae_decode(z0)
+        return decode_latents(self.components.vae, z0)
 
     # -- database building helpers (used by the index builder) ------------------------------
 
@@ -274,3 +306,29 @@ class RagTurboPipeline:
         t0 = torch.zeros(len(captions), dtype=torch.int64, device=self.device)
         h = self.split.encode(z0.to(self.device, encoded.ctx.dtype), t0, encoded.ctx).h
         return encoded.q.float(), h.float()
+
+
+def open_pipeline(
+    model_dir: str | Path,
+    *,
+    indexes: Sequence[str] | None = None,
+    adapter_dir: str | Path | None = None,
+    lora_dir: str | Path | None = None,
+    verify_index: bool = False,
+) -> RagTurboPipeline:
+    """A model directory and its retrieval databases, as the CLI and the server open them.
+
+    ``indexes`` are ``NAME=DIR`` (or ``DIR``) specs, the first being the default database;
+    None means ``<model_dir>/index`` when that folder exists. Raises ``ModelLoadError`` or
+    ``IndexLoadError`` (both ``ValueError``) naming the file at fault.
+    """
+    from imageragturbo.index.disk import load_database, parse_index_spec
+
+    model_dir = Path(model_dir)
+    pipe = RagTurboPipeline.from_pretrained(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir)
+    if indexes is None:
+        indexes = [f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else []
+    for spec in indexes:
+        name, path = parse_index_spec(spec)
+        pipe.add_database(load_database(name, path, verify=verify_index, model_id=pipe.components.model_id))
+    return pipe

@@ -47,7 +47,10 @@ class PromptEncoder:
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> EncodedPrompts:
         device = next(self.text_encoder.parameters()).device
-        input_ids = self.tokenize(prompts).to(device)
+        return self.encode_ids(self.tokenize(prompts).to(device))
+
+    def encode_ids(self, input_ids: torch.Tensor) -> EncodedPrompts:
+        """int64 [B, L] token ids -> EncodedPrompts (traceable: the exported text_encoder graph)."""
         out = self.text_encoder(input_ids=input_ids)
         pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
         q = F.normalize(pooled.float(), dim=-1)

@@ -1,0 +1,80 @@
+"""`imageragturbo eval fidelity | table`: the shapes world's prompt-fidelity benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: IRT_MODEL or the bundled model)")
+    p.add_argument("--index", action="append", default=None, metavar="NAME=DIR",
+                   help="retrieval database (repeatable; default: <model>/index if it exists)")
+    p.add_argument("--database", default=None, help="which --index to retrieve from (default: the first)")
+    p.add_argument("-k", "--k", type=int, default=4, help="neighbours to retrieve")
+    p.add_argument("--n", type=int, default=200, help="prompts per split")
+
+
+def register(sub, group) -> None:
+    evals = group("eval", "evaluate models (verifier scores on the shapes world)")
+    p = evals.add_parser("fidelity", help="verifier scores of one configuration, per split and category")
+    _add_model_args(p)
+    p.add_argument("--mode", choices=("adapter", "inject", "off", "teacher"), default="off")
+    p.add_argument("--steps", type=int, default=None, help="default: 1 (25 for --mode teacher)")
+    p.add_argument("--inject-w", default="0.8", help="a weight in (0, 1], or 'oracle' (best of 0.1..0.9 per prompt)")
+    p.add_argument("--cfg", type=float, default=7.5, help="teacher's classifier-free guidance scale")
+    p.add_argument("--prompts", default="test-seen", help="test-seen | test-held | a file of 'caption[<TAB>seed]' lines")
+    p.add_argument("--json", type=Path, required=True, help="where to write the scores")
+    p.add_argument("--grid", type=Path, default=None, help="PNG grid of the first 32 samples (default: next to --json)")
+    p.set_defaults(handler=_fidelity)
+    p = evals.add_parser("table", help="the paper's rows in miniature -> <out>/fidelity.md, chart and sample grids")
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.set_defaults(handler=_table)
+
+
+def _open(args):
+    from imageragturbo.cli import CliError, default_model_dir
+    from imageragturbo.model.loading import load_teacher_unet
+    from imageragturbo.model.pipeline import open_pipeline
+
+    model_dir = args.model or default_model_dir()
+    try:
+        pipe = open_pipeline(model_dir, indexes=args.index)
+        teacher = load_teacher_unet(model_dir)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    return model_dir, pipe, teacher
+
+
+def _fidelity(args) -> int:
+    from imageragturbo.cli import CliError
+    from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, load_prompts, save_grid
+
+    model_dir, pipe, teacher = _open(args)
+    steps = args.steps or (25 if args.mode == "teacher" else 1)
+    inject_w = None if args.inject_w == "oracle" else float(args.inject_w)
+    row = RowSpec(name=f"{args.mode} {steps}-step", mode=args.mode, steps=steps, inject_w=inject_w, cfg_scale=args.cfg)
+    try:
+        prompts = load_prompts(args.prompts, args.n)
+        result = evaluate_fidelity(pipe, row, prompts, args.prompts, teacher_unet=teacher, k=args.k, database=args.database)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    report = {"model": str(model_dir), **result.as_dict()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    grid = args.grid or args.json.with_suffix(".png")
+    save_grid(result.images[:32], result.captions[:32], grid, f"{row.name} on {args.prompts} ({model_dir})")
+    cats = " ".join(f"{c}={v:.3f}" for c, v in result.benchmark.per_category.items())
+    print(f"{row.name} on {args.prompts} (n={result.benchmark.n}): mean {result.benchmark.mean_score:.3f}, "
+          f"strict {result.benchmark.strict:.3f}; {cats}; wrote {args.json} and {grid}")
+    return 0
+
+
+def _table(args) -> int:
+    from imageragturbo.eval.fidelity import fidelity_table
+
+    model_dir, pipe, teacher = _open(args)
+    report = fidelity_table(pipe, teacher, args.out, n=args.n, k=args.k, database=args.database, model_label=str(model_dir))
+    print(f"wrote {args.out / 'fidelity.md'} ({len(report['results'])} rows x splits)")
+    return 0
