@@ -1,0 +1,301 @@
+"""Closed-loop load on loopback: `imageragturbo bench service`.
+
+``c`` client threads each keep one request in flight (send, wait for the answer, send the next)
+until ``n`` requests have been answered; per concurrency we report throughput and latency
+percentiles as the client sees them, the pipeline time the server reports in Server-Timing,
+and the mean batch the worker formed (from /metrics). Server overhead = HTTP p50 minus
+pipeline p50 at concurrency 1: everything that is not the model (HTTP parsing, validation,
+the hand-off to the worker, PNG encoding, the client library).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from imageragturbo.model.pipeline import STAGES
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = (
+    "a red circle",
+    "two blue squares",
+    "a green triangle left of a yellow circle",
+    "three purple circles",
+    "a small orange square above a large blue triangle",
+    "a yellow triangle right of a red square",
+    "two green circles and a blue square",
+    "a blue circle below a red triangle",
+)
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    n: int
+    ok: int
+    errors: dict[str, int]
+    wall_s: float
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    pipeline_p50_ms: float
+    queue_wait_p50_ms: float
+    mean_batch_size: float
+
+
+@dataclass
+class ServiceBenchResult:
+    model: str
+    url: str
+    machine: dict
+    server: dict
+    request: dict
+    levels: list[LevelResult] = field(default_factory=list)
+    overhead_p50_ms: float | None = None
+    speedup_c8_over_c1: float | None = None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> dict:
+    """Poll GET /readyz until 200; returns its JSON. Raises RuntimeError naming why it gave up."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before it was ready")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=2.0)
+            if response.status_code == 200:
+                return response.json()
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last answer: {last})")
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """'queue_wait;dur=0.1, text_encode;dur=2.3' -> {'queue_wait': 0.1, 'text_encode': 2.3}."""
+    timings = {}
+    for part in header.split(","):
+        match = re.match(r"\s*([\w-]+)\s*;\s*dur=([0-9.eE+-]+)", part)
+        if match:
+            timings[match.group(1)] = float(match.group(2))
+    return timings
+
+
+def _batch_totals(client: httpx.Client, url: str) -> tuple[float, float]:
+    """(sum, count) of irt_batch_size from /metrics."""
+    total = count = 0.0
+    for family in text_string_to_metric_families(client.get(f"{url}/metrics").text):
+        if family.name == "irt_batch_size":
+            for sample in family.samples:
+                if sample.name == "irt_batch_size_sum":
+                    total = sample.value
+                elif sample.name == "irt_batch_size_count":
+                    count = sample.value
+    return total, count
+
+
+def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str, str]) -> LevelResult:
+    """Closed loop: ``concurrency`` threads, one request in flight each, ``n`` requests in all."""
+    lock = threading.Lock()
+    issued = 0
+    latencies_ms: list[float] = []
+    pipeline_ms: list[float] = []
+    queue_ms: list[float] = []
+    errors: dict[str, int] = {}
+
+    def client_loop() -> None:
+        nonlocal issued
+        with httpx.Client(timeout=120.0, headers=headers) as client:
+            while True:
+                with lock:
+                    if issued >= n:
+                        return
+                    i = issued
+                    issued += 1
+                payload = {**body, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+                start = time.perf_counter()
+                try:
+                    response = client.post(f"{url}/generate", json=payload)
+                    elapsed_ms = (time.perf_counter() - start) * 1e3
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    elapsed_ms, status = (time.perf_counter() - start) * 1e3, type(exc).__name__
+                with lock:
+                    if status == "200":
+                        timings = parse_server_timing(response.headers.get("server-timing", ""))
+                        latencies_ms.append(elapsed_ms)
+                        pipeline_ms.append(sum(timings.get(stage, 0.0) for stage in STAGES))
+                        queue_ms.append(timings.get("queue_wait", 0.0))
+                    else:
+                        errors[status] = errors.get(status, 0) + 1
+
+    with httpx.Client(timeout=10.0) as probe:
+        batch_sum0, batch_count0 = _batch_totals(probe, url)
+        threads = [threading.Thread(target=client_loop, name=f"bench-client-{j}") for j in range(concurrency)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall_s = time.perf_counter() - start
+        batch_sum1, batch_count1 = _batch_totals(probe, url)
+    batches = batch_count1 - batch_count0
+    lat = np.asarray(latencies_ms) if latencies_ms else np.asarray([np.nan])
+    return LevelResult(
+        concurrency=concurrency,
+        n=n,
+        ok=len(latencies_ms),
+        errors=errors,
+        wall_s=round(wall_s, 3),
+        throughput_rps=round(len(latencies_ms) / wall_s, 2),
+        p50_ms=round(float(np.percentile(lat, 50)), 3),
+        p99_ms=round(float(np.percentile(lat, 99)), 3),
+        mean_ms=round(float(lat.mean()), 3),
+        pipeline_p50_ms=round(float(np.percentile(pipeline_ms, 50)), 3) if pipeline_ms else float("nan"),
+        queue_wait_p50_ms=round(float(np.percentile(queue_ms, 50)), 3) if queue_ms else float("nan"),
+        mean_batch_size=round((batch_sum1 - batch_sum0) / batches, 2) if batches else float("nan"),
+    )
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_at_start": [round(x, 2) for x in load] if load else None,
+    }
+
+
+def start_server(model: Path, indexes: list[str], extra_env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`imageragturbo serve` on 127.0.0.1 and a free port, in its own process (so the client's
+    threads and the server never share an interpreter lock)."""
+    port = free_port()
+    command = [sys.executable, "-m", "imageragturbo.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    for spec in indexes:
+        command += ["--index", spec]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **extra_env})
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def run_bench(
+    url: str,
+    *,
+    model_label: str,
+    concurrencies: list[int],
+    n: int,
+    body: dict,
+    headers: dict[str, str],
+    warmup: int = 20,
+) -> ServiceBenchResult:
+    info = wait_ready(url, timeout_s=10.0)
+    with httpx.Client(timeout=120.0, headers=headers) as client:
+        for i in range(warmup):
+            client.post(f"{url}/generate", json={**body, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
+    result = ServiceBenchResult(
+        model=model_label,
+        url=url,
+        machine=machine_info(),
+        server={key: info.get(key) for key in ("model", "engine", "modes", "default_mode", "databases")},
+        request=body,
+    )
+    for concurrency in concurrencies:
+        level = run_level(url, concurrency, n, body, headers)
+        logger.info("concurrency %d: %s", concurrency, level)
+        result.levels.append(level)
+    by_c = {level.concurrency: level for level in result.levels}
+    if 1 in by_c:
+        result.overhead_p50_ms = round(by_c[1].p50_ms - by_c[1].pipeline_p50_ms, 3)
+    if 1 in by_c and 8 in by_c and by_c[1].throughput_rps > 0:
+        result.speedup_c8_over_c1 = round(by_c[8].throughput_rps / by_c[1].throughput_rps, 2)
+    return result
+
+
+def render_markdown(result: ServiceBenchResult, settings_note: str) -> str:
+    lines = [
+        f"### {result.model}",
+        "",
+        f"Machine: {result.machine['cpu']}, {result.machine['cores']} cores (shared with other jobs; load "
+        f"average at start {result.machine['load_avg_at_start']}). Server: {settings_note}; modes "
+        f"{result.server.get('modes')}, default {result.server.get('default_mode')}; databases "
+        f"{result.server.get('databases')}. Request body besides prompt and seed: `{json.dumps(result.request)}`.",
+        "",
+        "| concurrency | n | ok | errors | throughput (req/s) | p50 (ms) | p99 (ms) | pipeline p50 (ms) | queue wait p50 (ms) | mean batch |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for level in result.levels:
+        errors = ", ".join(f"{k}: {v}" for k, v in level.errors.items()) or "0"
+        lines.append(
+            f"| {level.concurrency} | {level.n} | {level.ok} | {errors} | {level.throughput_rps:.1f} | {level.p50_ms:.2f} | "
+            f"{level.p99_ms:.2f} | {level.pipeline_p50_ms:.2f} | {level.queue_wait_p50_ms:.2f} | {level.mean_batch_size:.2f} |"
+        )
+    lines.append("")
+    if result.overhead_p50_ms is not None:
+        lines.append(f"- Server overhead at concurrency 1 (HTTP p50 − pipeline p50): **{result.overhead_p50_ms:.2f} ms**.")
+    if result.speedup_c8_over_c1 is not None:
+        lines.append(f"- Throughput at concurrency 8 / concurrency 1: **{result.speedup_c8_over_c1:.2f}×**.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def update_markdown(path: Path, section_id: str, section: str, preamble: str) -> None:
+    """Replace (or append) one model's section in the results page, keeping the others."""
+    start, end = f"<!-- bench:{section_id} -->", f"<!-- /bench:{section_id} -->"
+    block = f"{start}\n{section}{end}\n"
+    text = path.read_text() if path.exists() else preamble
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + block + ("\n" + after if after else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def result_to_json(result: ServiceBenchResult) -> str:
+    return json.dumps(asdict(result), indent=2)

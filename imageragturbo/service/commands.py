@@ -1,0 +1,210 @@
+"""`imageragturbo serve` and `imageragturbo bench service`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from imageragturbo.cli import CliError, default_model_dir
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("torch",)
+DEFAULT_INDEX_NAME = "default"
+RESULTS_PREAMBLE = """# HTTP service benchmark
+
+`imageragturbo bench service`: closed-loop load on loopback (each client thread keeps one request
+in flight), against a server started by the bench in its own process. Latencies are as the
+client sees them; *pipeline p50* is the sum of the pipeline stages the server reports in
+`Server-Timing` (for a batched request: its batch's stage times); *server overhead* is HTTP p50
+minus pipeline p50 at concurrency 1 (HTTP, validation, hand-off to the worker, PNG encoding and
+the Python client itself). Reproduce with the command under each table.
+"""
+
+
+def register(sub, group) -> None:
+    p = sub.add_parser("serve", help="serve POST /generate, /metrics, /healthz, /readyz and the playground over HTTP")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: IRT_MODEL or the bundled model)")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a retrieval database to serve under NAME (repeatable; the first is the default; a bare DIR "
+        "is named after its folder; "
+        f"default: <model>/index as {DEFAULT_INDEX_NAME!r} when it exists)",
+    )
+    p.add_argument("--engine", default="torch", help=f"denoise/VAE engine; available: {', '.join(ENGINES)}")
+    p.add_argument("--adapter", type=Path, default=None, help="adapter directory (default: <model>/adapter)")
+    p.add_argument("--lora", type=Path, default=None, help="UNet-decoder LoRA directory (default: <model>/unet_lora)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=None, help="IRT_MAX_BATCH (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="IRT_BATCH_WAIT_MS (default 5)")
+    p.add_argument("--max-queue", type=int, default=None, help="IRT_MAX_QUEUE (default 64)")
+    p.add_argument("--timeout-s", type=float, default=None, help="IRT_TIMEOUT_S (default 60)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="IRT_MAX_BODY_BYTES (default 16384)")
+    p.set_defaults(handler=_serve)
+
+    bench = group("bench", "benchmarks")
+    b = bench.add_parser("service", help="closed-loop HTTP load on loopback: throughput and latency per concurrency")
+    b.add_argument("--url", default=None, help="an already running server (default: start one on a free loopback port)")
+    b.add_argument("--model", type=Path, default=None, help="model for the server the bench starts (default: as serve)")
+    b.add_argument("--index", action="append", default=[], metavar="NAME=DIR", help="as for serve")
+    b.add_argument("--label", default=None, help="model name in the results (default: the model folder's name)")
+    b.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    b.add_argument("--n", type=int, default=300, help="requests per concurrency level")
+    b.add_argument("--warmup", type=int, default=20, help="requests sent before measuring")
+    b.add_argument("--mode", choices=("adapter", "inject", "off"), default=None, help="request mode (default: the server's)")
+    b.add_argument("--steps", type=int, default=1)
+    b.add_argument("--json", type=Path, required=True, help="write the results as JSON here")
+    b.add_argument("--md", type=Path, default=Path("results/service.md"), help="results page to update")
+    b.set_defaults(handler=_bench_service)
+
+
+def _settings(args):
+    from pydantic import ValidationError
+
+    from imageragturbo.service.settings import ServiceSettings
+
+    flags = {
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "max_queue": args.max_queue,
+        "timeout_s": args.timeout_s,
+        "max_body_bytes": args.max_body_bytes,
+    }
+    try:
+        return ServiceSettings(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"bad server settings (flags or IRT_* variables): {problems}") from exc
+
+
+def _load_databases(model_dir: Path, specs: list[str]) -> list:
+    if not specs and not (model_dir / "index").is_dir():
+        return []
+    try:
+        from imageragturbo.index.disk import load_database, parse_index_spec
+    except ImportError as exc:
+        raise CliError(f"cannot load an index: imageragturbo.index.disk is not available ({exc})") from exc
+    try:
+        parsed = [parse_index_spec(spec) for spec in specs] if specs else [(DEFAULT_INDEX_NAME, model_dir / "index")]
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    databases = []
+    for name, path in parsed:
+        try:
+            # Checksums are not recomputed at every start (seconds per GB); `imageragturbo
+            # check-index` does that. The model identity is still checked when it is added.
+            databases.append(load_database(name, path, verify=False))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot load index {name!r} from {path}: {exc}") from exc
+    return databases
+
+
+def _serve(args) -> int:
+    settings = _settings(args)
+    model_dir = args.model or default_model_dir()
+    if not model_dir.is_dir():
+        raise CliError(
+            f"model directory not found: {model_dir} (train the bundled model with `make world`, "
+            "or pass --model DIR / set IRT_MODEL)"
+        )
+    if args.engine not in ENGINES:
+        raise CliError(f"engine {args.engine!r} is not available; available engines: {', '.join(ENGINES)}")
+
+    from imageragturbo.model import ModelLoadError, RagTurboPipeline
+    from imageragturbo.service.app import create_app, run_server
+
+    databases = _load_databases(model_dir, args.index)
+    try:
+        pipe = RagTurboPipeline.from_pretrained(
+            model_dir, adapter_dir=args.adapter, lora_dir=args.lora, databases=databases
+        )
+    except (ModelLoadError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    app = create_app(pipe, settings, model_name=model_dir.name, engine=args.engine)
+    service = app.state.service
+    print(
+        f"serving {model_dir} on http://{args.host}:{args.port} (engine {args.engine}; modes "
+        f"{', '.join(service.available_modes)}, default {service.default_mode}; databases "
+        f"{', '.join(service.database_names) or 'none'})",
+        file=sys.stderr,
+    )
+    run_server(app, host=args.host, port=args.port, settings=settings, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _bench_service(args) -> int:
+    from imageragturbo.service import bench
+
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError as exc:
+        raise CliError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from exc
+    if not concurrencies or min(concurrencies) < 1 or args.n < 1:
+        raise CliError(f"need concurrency >= 1 and --n >= 1, got {args.concurrency!r} and {args.n}")
+    body: dict = {"steps": args.steps}
+    if args.mode:
+        body["mode"] = args.mode
+    headers = {}
+    if os.environ.get("IRT_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['IRT_API_KEY']}"
+
+    process = None
+    model_dir = args.model or default_model_dir()
+    label = args.label or (model_dir.name if args.url is None else args.url)
+    if args.url is None:
+        if not model_dir.is_dir():
+            raise CliError(f"model directory not found: {model_dir} (pass --model DIR or --url URL)")
+        log_path = args.json.with_suffix(".server.log")
+        process, url = bench.start_server(model_dir, args.index, {}, log_path)
+        try:
+            bench.wait_ready(url, timeout_s=300.0, process=process)
+        except RuntimeError as exc:
+            bench.stop_server(process)
+            raise CliError(f"{exc}; see {log_path}") from exc
+    else:
+        url = args.url.rstrip("/")
+    try:
+        result = bench.run_bench(
+            url, model_label=label, concurrencies=concurrencies, n=args.n, body=body, headers=headers, warmup=args.warmup
+        )
+    except (RuntimeError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        if process is not None:
+            bench.stop_server(process)
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(bench.result_to_json(result))
+    from imageragturbo.service.settings import ServiceSettings
+
+    settings = ServiceSettings()  # what the server the bench started read from IRT_* (no flags)
+    note = (
+        f"`imageragturbo serve` (started by the bench) with max_batch {settings.max_batch}, batch_wait_ms "
+        f"{settings.batch_wait_ms:g}, max_queue {settings.max_queue}"
+        if process is not None
+        else f"{url} (already running)"
+    )
+    command = f"imageragturbo bench service --concurrency {args.concurrency} --n {args.n}"
+    for flag, value in (("--url", args.url), ("--model", args.model), ("--mode", args.mode), ("--label", args.label)):
+        if value is not None:
+            command += f" {flag} {value}"
+    command += "".join(f" --index {spec}" for spec in args.index) + f" --steps {args.steps} --json {args.json}"
+    section = bench.render_markdown(result, note) + f"\nCommand: `{command}`\n\n"
+    bench.update_markdown(args.md, label, section, RESULTS_PREAMBLE)
+    for level in result.levels:
+        print(
+            f"c={level.concurrency}: {level.throughput_rps:.1f} req/s, p50 {level.p50_ms:.2f} ms, p99 "
+            f"{level.p99_ms:.2f} ms, pipeline p50 {level.pipeline_p50_ms:.2f} ms, mean batch {level.mean_batch_size}, "
+            f"errors {level.errors or 0}"
+        )
+    print(
+        f"overhead p50 {result.overhead_p50_ms} ms; c8/c1 {result.speedup_c8_over_c1}x; wrote {args.json} and {args.md}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,159 @@
+"""Helpers for the service tests: a tiny pipeline with an in-memory database, a real uvicorn
+server on loopback (in a thread, or in a subprocess), and free ports.
+
+Run as a script it serves a tiny model directory with an in-memory database, the way
+``imageragturbo serve`` serves a model directory with an index on disk:
+``python tests/service/serving.py MODEL_DIR PORT`` (settings from IRT_* variables).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+CAPTIONS = [
+    "a red circle on the left",
+    "two blue squares",
+    "a green triangle at the top",
+    "three red circles",
+    "a yellow square above a purple triangle",
+    "one blue circle",
+]
+
+
+def build_tiny_pipeline(model_dir: Path, *, adapter: bool = True, database: bool = True):
+    """A RagTurboPipeline over a tiny model dir, with a random (non-zero) adapter and an
+    in-memory database of six captions with random latents, as tests/model does."""
+    from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+    from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
+
+    parts = load_model(model_dir)
+    if adapter:
+        torch.manual_seed(0)
+        parts.adapter = HSpaceAdapter(channels=parts.unet.config.block_out_channels[-1], num_heads=4).eval()
+        torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
+    pipe = RagTurboPipeline(parts)
+    if database:
+        gen = torch.Generator().manual_seed(0)
+        z0 = torch.randn(len(CAPTIONS), *pipe.latent_shape, generator=gen)
+        e, h = pipe.encode_database_rows(z0, CAPTIONS)
+        store = InMemoryFeatureStore(e.numpy(), h.numpy().astype(np.float16), CAPTIONS, pipe.components.model_id)
+        pipe.add_database(RetrievalDatabase("shapes", ExactSearcher(e.numpy()), store))
+    return pipe
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+
+
+class ServerThread:
+    """The real uvicorn server, in a thread of this process (uvicorn installs no signal
+    handlers off the main thread); ``stop()`` asks it to exit as SIGTERM would."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        wait_ready(self.url)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class ServerProcess:
+    """A server in its own process: this script (tiny pipeline + in-memory database) or any
+    command line given; stopped with SIGTERM."""
+
+    def __init__(self, command: list[str] | None = None, *, model_dir: Path | None = None, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if command is None:
+            command = [sys.executable, str(Path(__file__).resolve()), str(model_dir), str(self.port)]
+        else:
+            command = [part.replace("{port}", str(self.port)) for part in command]
+        self.command = command
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.process: subprocess.Popen | None = None
+        # A file, not a pipe: nobody reads the server's log while it runs, and a full pipe
+        # would block it.
+        self.log = tempfile.TemporaryFile(mode="w+")
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(self.url, timeout_s=120.0, process=self.process)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    import logging
+
+    from imageragturbo.service import ServiceSettings, create_app
+    from imageragturbo.service.app import run_server
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    model_dir, port = Path(sys.argv[1]), int(sys.argv[2])
+    settings = ServiceSettings()
+    app = create_app(build_tiny_pipeline(model_dir), settings, model_name="tiny")
+    run_server(app, host="127.0.0.1", port=port, settings=settings, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

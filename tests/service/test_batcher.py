@@ -1,0 +1,163 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from imageragturbo.service.batcher import (
+    BatchFailedError,
+    BatchKey,
+    Job,
+    JobResult,
+    MicroBatcher,
+    QueueFullError,
+    ShuttingDownError,
+)
+
+OFF = BatchKey("off", 1, 1, None)
+ADAPTER = BatchKey("adapter", 1, 4, "shapes")
+
+
+class Recorder:
+    """A fake pipeline: records each batch; ``gate`` holds the worker inside a batch."""
+
+    def __init__(self, fail_prompt: str | None = None, batch_s: float = 0.0):
+        self.batch_s = batch_s
+        self.batches: list[tuple[BatchKey, list[str]]] = []
+        self.fail_prompt = fail_prompt
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, key, jobs):
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append((key, [job.prompt for job in jobs]))
+        time.sleep(self.batch_s)
+        if any(job.prompt == self.fail_prompt for job in jobs):
+            raise RuntimeError("boom")
+        return [
+            JobResult(image=np.full((2, 2, 3), i, np.uint8), neighbors=[], timings_ms={"denoise": 1.0})
+            for i in range(len(jobs))
+        ]
+
+
+def _batcher(run, **kwargs):
+    options = dict(max_batch=4, batch_wait_ms=0, max_queue=16)
+    options.update(kwargs)
+    batcher = MicroBatcher(run, **options)
+    batcher.start()
+    assert batcher.ready.wait(5)
+    return batcher
+
+
+def _job(prompt, key=OFF):
+    return Job(prompt=prompt, seed=0, inject_w=0.8, key=key)
+
+
+def test_waiting_jobs_are_grouped_by_key_up_to_max_batch():
+    run = Recorder()
+    run.gate.clear()
+    batcher = _batcher(run)
+    first = batcher.submit(_job("hold"))
+    assert run.entered.wait(5)  # the worker is busy with 'hold'; the rest queue up behind it
+    futures = [batcher.submit(_job(f"off{i}")) for i in range(6)]
+    futures += [batcher.submit(_job(f"ad{i}", ADAPTER)) for i in range(3)]
+    assert batcher.queue_depth == 9
+    run.gate.set()
+    for future in [first, *futures]:
+        future.result(5)
+    batcher.close()
+    assert run.batches == [
+        (OFF, ["hold"]),
+        (OFF, ["off0", "off1", "off2", "off3"]),  # oldest first, at most max_batch
+        (OFF, ["off4", "off5"]),
+        (ADAPTER, ["ad0", "ad1", "ad2"]),
+    ]
+    assert futures[0].result().timings_ms["queue_wait"] > 0
+
+
+def test_full_queue_refuses_and_cancelled_jobs_leave_the_queue():
+    run = Recorder()
+    run.gate.clear()
+    batcher = _batcher(run, max_queue=2)
+    batcher.submit(_job("hold"))
+    assert run.entered.wait(5)
+    waiting = batcher.submit(_job("a"))
+    batcher.submit(_job("b"))
+    with pytest.raises(QueueFullError, match="queue is full \\(2 requests waiting\\)"):
+        batcher.submit(_job("c"))
+    assert waiting.cancel()  # a handler that timed out
+    assert batcher.queue_depth == 1
+    batcher.submit(_job("d")).cancel()
+    run.gate.set()
+    batcher.close()
+    assert [prompts for _, prompts in run.batches] == [["hold"], ["b"]]
+
+
+def test_failing_batch_fails_only_its_jobs_and_the_worker_goes_on():
+    run = Recorder(fail_prompt="bad")
+    batcher = _batcher(run, max_batch=1)
+    bad = batcher.submit(_job("bad"))
+    good = batcher.submit(_job("good"))
+    with pytest.raises(BatchFailedError, match="generation failed: RuntimeError: boom"):
+        bad.result(5)
+    assert good.result(5).image.shape == (2, 2, 3)
+    assert batcher.alive
+    batcher.close()
+
+
+def test_lone_client_never_waits_but_concurrent_ones_are_batched():
+    run = Recorder(batch_s=0.02)  # a model call takes time, so requests meet in the queue
+    batcher = _batcher(run, max_batch=8, batch_wait_ms=200)
+    start = time.perf_counter()
+    for i in range(5):
+        batcher.submit(_job(f"alone{i}")).result(5)
+    lone_s = time.perf_counter() - start
+    # With nobody else in flight the worker does not hold the batch open for 200 ms.
+    assert lone_s < 0.6, f"5 sequential requests took {lone_s:.2f} s"
+
+    # Eight clients in a closed loop: after the first round the worker waits for company.
+    def client(i):
+        for r in range(4):
+            batcher.submit(_job(f"c{i}r{r}")).result(10)
+
+    run.batches.clear()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    batcher.close()
+    sizes = [len(prompts) for _, prompts in run.batches]
+    assert sum(sizes) == 32
+    assert max(sizes) == 8 and len(sizes) <= 8, sizes
+
+
+def test_close_finishes_queued_jobs_then_refuses_new_ones():
+    run = Recorder()
+    run.gate.clear()
+    batcher = _batcher(run, max_batch=2)
+    futures = [batcher.submit(_job(f"q{i}")) for i in range(5)]
+    assert run.entered.wait(5)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(ShuttingDownError, match="shutting down"):
+        batcher.submit(_job("late"))
+    run.gate.set()
+    closer.join(10)
+    assert all(f.result(0).image is not None for f in futures)
+    assert not batcher.alive
+
+
+def test_failed_warmup_means_never_ready():
+    def broken_warmup():
+        raise RuntimeError("cannot run")
+
+    batcher = MicroBatcher(Recorder(), max_batch=1, batch_wait_ms=0, max_queue=4, warmup=broken_warmup)
+    batcher.start()
+    batcher._thread.join(5)
+    assert not batcher.ready.is_set() and not batcher.alive
+    with pytest.raises(ShuttingDownError, match="worker is not running"):
+        batcher.submit(_job("x"))
