@@ -43,12 +43,22 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", type=Path, default=None, help="model directory (default: IRT_MODEL or the bundled model)")
     p.add_argument("--adapter", type=Path, default=None, help="adapter directory (default: <model>/adapter)")
     p.add_argument("--lora", type=Path, default=None, help="UNet-decoder LoRA directory (default: <model>/unet_lora)")
+    p.add_argument(
+        "--index",
+        action="append",
+        default=None,
+        metavar="NAME=DIR",
+        help="a retrieval database folder (repeatable; default: <model>/index if it exists)",
+    )
+    p.add_argument("--database", default=None, help="which --index to retrieve from (default: the first)")
+    p.add_argument("--verify-index", action="store_true", help="check every index file's checksum before use")
     p.set_defaults(handler=_generate)
 
 
 def _generate(args) -> int:
     from PIL import Image
 
+    from imageragturbo.index.disk import load_database, parse_index_spec
     from imageragturbo.model import ModelLoadError, RagTurboPipeline
 
     model_dir = args.model or default_model_dir()
@@ -56,17 +66,29 @@ def _generate(args) -> int:
         pipe = RagTurboPipeline.from_pretrained(model_dir, adapter_dir=args.adapter, lora_dir=args.lora)
     except ModelLoadError as exc:
         raise CliError(str(exc)) from exc
+    specs = args.index if args.index is not None else ([f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else [])
+    try:
+        for spec in specs:
+            name, path = parse_index_spec(spec)
+            pipe.add_database(load_database(name, path, verify=args.verify_index))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     mode = args.mode
     if mode == "auto":
         mode = "adapter" if ("adapter" in pipe.denoisers and pipe.databases) else "off"
     try:
-        result = pipe([args.prompt], [args.seed], mode=mode, steps=args.steps, inject_w=args.inject_w, k=args.k)
+        result = pipe([args.prompt], [args.seed], mode=mode, steps=args.steps, inject_w=args.inject_w, k=args.k,
+                      database=args.database)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.images[0]).save(args.out, format="PNG")
     timings = " ".join(f"{stage}={ms:.1f}ms" for stage, ms in result.timings_ms.items())
     print(f"wrote {args.out} (mode={mode}, steps={args.steps}, seed={args.seed}; {timings})", file=sys.stderr)
+    if result.neighbors[0]:
+        database = args.database or next(iter(pipe.databases))
+        found = "; ".join(f"{n.caption!r} ({n.score:.3f})" for n in result.neighbors[0])
+        print(f"retrieved from {database}: {found}", file=sys.stderr)
     return 0
 
 
@@ -74,7 +96,7 @@ def _generate(args) -> int:
 # ``sub`` is the top-level subparsers object; ``group(name, help)`` returns the nested
 # subparsers of a shared command (``train``, ``bench``, ``eval``), creating it once, so several
 # subsystems can add e.g. ``bench latency`` and ``bench retrieval``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("imageragturbo.index.commands", "imageragturbo.service.commands", "imageragturbo.training.commands", "imageragturbo.eval.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
