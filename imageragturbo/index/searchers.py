@@ -1,8 +1,19 @@
-"""Searchers: exact inner-product search over L2-normalised text embeddings."""
+"""Searchers over L2-normalised text embeddings (exact, ScaNN) and over captions (BM25).
+
+All implement ``Searcher.search(q float32 [B, D], k, texts=None) -> (ids int64 [B, k],
+scores float32 [B, k])`` (see protocols.py). Which one a database uses, and with what
+parameters, is recorded in its manifest; :func:`build_searcher` and :func:`load_searcher`
+are the two ends of that record.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import numpy as np
+
+from imageragturbo.index.protocols import Searcher
 
 
 def _check_query(q: np.ndarray, dim: int, k: int, n: int) -> np.ndarray:
@@ -42,3 +53,291 @@ class ExactSearcher:
         order = np.lexsort((part, -part_scores), axis=1)
         ids = np.take_along_axis(part, order, axis=1).astype(np.int64)
         return ids, np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+
+
+# -- ScaNN ------------------------------------------------------------------------------------
+
+SCANN_BRUTE_FORCE_BELOW = 20_000
+"""Under this many entries ScaNN searches by brute force (and ``auto`` picks exact search)."""
+
+
+@dataclass(frozen=True)
+class ScannSpec:
+    """How a ScaNN searcher is built and searched; stored in the manifest.
+
+    ``mode="brute_force"``: exact float32 dot products. ``mode="tree_ah"``: a spherical k-means
+    tree (``num_leaves`` ~ sqrt(n); spherical because the keys are unit vectors, see FACTS.md:
+    a generic tree capped recall at ~0.9), anisotropic hashing with ``ah_dims_per_block``
+    dimensions per 4-bit code, then exact re-scoring of the ``reorder`` best candidates.
+    ``num_leaves_to_search`` and ``reorder`` are the search-time speed/recall knobs.
+    """
+
+    mode: str = "brute_force"
+    num_leaves: int = 0
+    num_leaves_to_search: int = 0
+    training_sample_size: int = 0
+    spherical: bool = True
+    ah_dims_per_block: int = 2
+    ah_threshold: float = 0.2
+    reorder: int = 0
+    reorder_dtype: str = "float32"
+    training_threads: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("brute_force", "tree_ah"):
+            raise ValueError(f"ScaNN mode must be 'brute_force' or 'tree_ah', got {self.mode!r}")
+        if self.mode == "tree_ah":
+            if not 1 <= self.num_leaves_to_search <= self.num_leaves:
+                raise ValueError(
+                    f"num_leaves_to_search must be in [1, num_leaves={self.num_leaves}], got {self.num_leaves_to_search}"
+                )
+            if self.reorder < 1 or self.training_sample_size < self.num_leaves:
+                raise ValueError(
+                    f"tree_ah needs reorder >= 1 and training_sample_size >= num_leaves, got {self}"
+                )
+            if self.reorder_dtype not in ("float32", "int8", "bfloat16"):
+                raise ValueError(f"reorder_dtype must be float32, int8 or bfloat16, got {self.reorder_dtype!r}")
+
+    @classmethod
+    def for_size(cls, n: int, **overrides) -> ScannSpec:
+        """The default for ``n`` entries: brute force below 20k, else a tree sized from n.
+
+        Defaults come from ``bench retrieval`` at n = 630,000 x 1024 (results/retrieval.md).
+        """
+        if "mode" not in overrides and n < SCANN_BRUTE_FORCE_BELOW:
+            overrides["mode"] = "brute_force"
+        if overrides.get("mode") == "brute_force":
+            return cls(**overrides)
+        num_leaves = overrides.get("num_leaves", max(2, round(n**0.5)))
+        params = dict(
+            mode="tree_ah",
+            num_leaves=num_leaves,
+            num_leaves_to_search=min(num_leaves, max(4, round(num_leaves * 0.02))),
+            training_sample_size=min(n, 250_000),
+            reorder=100,
+        )
+        params.update(overrides)
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scann_modules():
+    # scann is imported lazily: it loads a large native library that exact-only users never need.
+    import scann
+    from scann.scann_ops.py import scann_ops_pybind
+
+    return scann, scann_ops_pybind
+
+
+class ScannSearcher:
+    """ScaNN over L2-normalised embeddings (dot product); single-threaded search per call."""
+
+    kind = "scann"
+
+    def __init__(self, searcher, spec: ScannSpec, n: int, dim: int):
+        """Use :meth:`build` or :meth:`load`; ``searcher`` is a ScaNN pybind searcher."""
+        self._searcher = searcher
+        self.spec = spec
+        self.n = n
+        self.dim = dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, spec: ScannSpec | None = None) -> ScannSearcher:
+        """embeddings float [N, D], L2-normalised; ``spec`` defaults to :meth:`ScannSpec.for_size`."""
+        scann, _ = _scann_modules()
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty [N, D] array, got shape {embeddings.shape}")
+        n, dim = embeddings.shape
+        spec = spec or ScannSpec.for_size(n)
+        builder = scann.scann_ops_pybind.builder(embeddings, 10, "dot_product")
+        if spec.mode == "brute_force":
+            builder = builder.score_brute_force()
+        else:
+            if spec.num_leaves > n:
+                raise ValueError(f"num_leaves={spec.num_leaves} exceeds the {n} entries")
+            reorder_dtype = {
+                "float32": scann.ReorderType.FLOAT32,
+                "int8": scann.ReorderType.INT8,
+                "bfloat16": scann.ReorderType.BFLOAT16,
+            }[spec.reorder_dtype]
+            builder = (
+                builder.tree(
+                    num_leaves=spec.num_leaves,
+                    num_leaves_to_search=spec.num_leaves_to_search,
+                    training_sample_size=min(spec.training_sample_size, n),
+                    spherical=spec.spherical,
+                )
+                .score_ah(spec.ah_dims_per_block, anisotropic_quantization_threshold=spec.ah_threshold)
+                .reorder(spec.reorder, quantize=reorder_dtype)
+            )
+        builder.set_n_training_threads(spec.training_threads)
+        return cls(builder.build().searcher, spec, n, dim)
+
+    def save(self, folder: Path) -> None:
+        """Serialise into ``folder`` with relative asset paths, so the folder can be renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._searcher.serialize(str(folder), True)
+
+    @classmethod
+    def load(cls, folder: Path, spec: ScannSpec, n: int, dim: int) -> ScannSearcher:
+        """Load serialised assets (no raw dataset needed). Uses the pybind class directly:
+        scann's ``load_searcher`` would unpickle a ``scann_docids.pkl`` if one were there."""
+        _, scann_ops_pybind = _scann_modules()
+        folder = Path(folder)
+        assets = folder / "scann_assets.pbtxt"
+        if not assets.is_file():
+            raise ValueError(f"missing ScaNN assets: {assets}")
+        searcher = scann_ops_pybind.scann_pybind.ScannNumpy(str(folder), assets.read_text())
+        return cls(searcher, spec, n, dim)
+
+    def search(
+        self,
+        q: np.ndarray,
+        k: int,
+        texts: list[str] | None = None,
+        *,
+        leaves_to_search: int | None = None,
+        reorder: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """q float32 [B, D] -> (ids int64 [B, k], scores float32 [B, k]); the keyword knobs
+        override the spec's search-time parameters (benchmarks sweep them)."""
+        q = _check_query(q, self.dim, k, self.n)
+        if self.spec.mode == "tree_ah":
+            leaves = leaves_to_search or self.spec.num_leaves_to_search
+            pre_reorder = max(reorder or self.spec.reorder, k)
+        else:
+            leaves, pre_reorder = -1, -1
+        if q.shape[0] == 1:
+            # The single-query entry point skips the batch bookkeeping (the latency path).
+            ids, scores = self._searcher.search(q[0], k, pre_reorder, leaves)
+            ids, scores = ids[None], scores[None]
+        else:
+            ids, scores = self._searcher.search_batched(q, k, pre_reorder, leaves, False, 0)
+        if ids.shape != (q.shape[0], k):
+            raise RuntimeError(
+                f"ScaNN returned {ids.shape[-1]} neighbours, asked for {k}: search more leaves "
+                f"(num_leaves_to_search={leaves}) or a larger reorder"
+            )
+        return ids.astype(np.int64), scores.astype(np.float32)
+
+
+# -- BM25 -------------------------------------------------------------------------------------
+
+
+class Bm25Searcher:
+    """Lexical BM25 over the captions (bm25s): reads ``texts``, ignores the embedding query.
+
+    No stop words: in captions like "a square above a circle" the little words carry the
+    relation. Ties are broken by id so results are deterministic.
+    """
+
+    kind = "bm25"
+
+    def __init__(self, retriever, n: int):
+        self._retriever = retriever
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @staticmethod
+    def _tokenize(texts: list[str]):
+        import bm25s
+
+        return bm25s.tokenize(list(texts), stopwords=None, show_progress=False)
+
+    @classmethod
+    def build(cls, captions: list[str]) -> Bm25Searcher:
+        import bm25s
+
+        if not captions:
+            raise ValueError("BM25 needs at least one caption")
+        retriever = bm25s.BM25()
+        retriever.index(cls._tokenize(captions), show_progress=False)
+        return cls(retriever, len(captions))
+
+    def save(self, folder: Path) -> None:
+        """numpy arrays (allow_pickle=False) + JSON vocabulary and parameters."""
+        self._retriever.save(str(folder), allow_pickle=False, show_progress=False)
+
+    @classmethod
+    def load(cls, folder: Path, n: int) -> Bm25Searcher:
+        import bm25s
+
+        params = Path(folder) / "params.index.json"
+        if not params.is_file():
+            raise ValueError(f"missing BM25 index: {params}")
+        return cls(bm25s.BM25.load(str(folder), allow_pickle=False, show_progress=False), n)
+
+    def search(self, q: np.ndarray | None, k: int, texts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """texts: B strings -> (ids int64 [B, k], BM25 scores float32 [B, k]); q is ignored."""
+        import bm25s
+
+        if texts is None or not len(texts):
+            raise ValueError("the BM25 searcher searches prompt texts; call search(q, k, texts=[...])")
+        if not 1 <= k <= self.n:
+            raise ValueError(f"k must be in [1, {self.n}] for a database of {self.n} entries, got {k}")
+        tokens = bm25s.tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+        ids, scores = self._retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        order = np.lexsort((ids, -scores), axis=1)
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+# -- choosing, saving and loading by kind -----------------------------------------------------
+
+SEARCHER_KINDS = ("auto", "exact", "scann", "bm25")
+
+
+def resolve_kind(kind: str, n: int) -> str:
+    """``auto`` -> exact below 20k entries, else scann."""
+    if kind not in SEARCHER_KINDS:
+        raise ValueError(f"searcher must be one of {SEARCHER_KINDS}, got {kind!r}")
+    if kind == "auto":
+        return "exact" if n < SCANN_BRUTE_FORCE_BELOW else "scann"
+    return kind
+
+
+def build_searcher(
+    kind: str, embeddings: np.ndarray, captions: list[str], folder: Path, scann_spec: ScannSpec | None = None
+) -> dict:
+    """Build a searcher of ``kind`` and serialise it into ``folder``; returns the manifest entry
+    ``{"kind": ..., "params": {...}}``."""
+    n = embeddings.shape[0]
+    kind = resolve_kind(kind, n)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "exact":
+        return {"kind": "exact", "params": {}}
+    if kind == "scann":
+        searcher = ScannSearcher.build(embeddings, scann_spec)
+        searcher.save(folder)
+        return {"kind": "scann", "params": searcher.spec.to_dict()}
+    searcher = Bm25Searcher.build(captions)
+    searcher.save(folder)
+    return {"kind": "bm25", "params": {"tokenizer": "bm25s.tokenize(stopwords=None)"}}
+
+
+def load_searcher(entry: dict, folder: Path, store) -> Searcher:
+    """The searcher a manifest entry describes, loaded from ``folder``; ``store`` is the
+    database's :class:`MemmapFeatureStore` (exact search reads its embeddings)."""
+    kind = entry.get("kind")
+    n, dim = store.text_emb.shape
+    if kind == "exact":
+        return ExactSearcher(store.text_emb)
+    if kind == "scann":
+        try:
+            spec = ScannSpec(**entry.get("params", {}))
+        except TypeError as exc:
+            raise ValueError(f"{folder}: ScaNN params in the manifest are not understood: {entry.get('params')}") from exc
+        return ScannSearcher.load(folder, spec, n, dim)
+    if kind == "bm25":
+        return Bm25Searcher.load(folder, n)
+    raise ValueError(f"{folder}: unknown searcher kind {kind!r} in the manifest; expected exact, scann or bm25")

@@ -1,0 +1,264 @@
+"""A retrieval database on disk: the folder layout, its manifest, a memory-mapped store, the loader.
+
+A database folder holds::
+
+    manifest.json       format, model identity, count, searcher kind + params, and for every
+                        file its sha256 (arrays also their shape and dtype)
+    text_emb.npy        float32 [N, Dq]   pooled, L2-normalised text embeddings (the search keys)
+    z0.npy              float16 [N, c, h, w]   scaled VAE latents of the images
+    h_retr.npy          float16 [N, C, h', w'] UNet-encoder mid-block output at t = 0, own caption
+    captions.json       N strings
+    source_ids.json     N strings (the pair's name in its source dataset)
+    searcher/           the serialised searcher (ScaNN assets, BM25 arrays; empty for exact)
+
+Arrays are plain ``.npy`` read with ``np.load(mmap_mode="r", allow_pickle=False)``, text is
+JSON: nothing in a database is ever unpickled. The folder is written by
+:mod:`imageragturbo.index.build` under a temporary name and renamed into place only once the
+manifest is written, so a folder without ``manifest.json`` is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from imageragturbo.index.store import RetrievalDatabase
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "imageragturbo-index"
+FORMAT_VERSION = 1
+ARRAYS = ("text_emb", "z0", "h_retr")
+TEXT_FILES = ("captions.json", "source_ids.json")
+SEARCHER_DIR = "searcher"
+
+
+class IndexLoadError(ValueError):
+    """A database folder is missing, incomplete, corrupt or built with another model."""
+
+
+# -- files written safely ---------------------------------------------------------------------
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a rename is durable only once the
+    directory holding it is fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``path`` via a sibling temporary file, fsync it, rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IndexLoadError(f"missing {what}: {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexLoadError(f"malformed {what} {path}: {exc}") from exc
+
+
+# -- the manifest -----------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of database folder ``path``, checked for the fields the loader relies on."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexLoadError(f"index folder not found: {path}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise IndexLoadError(
+            f"{path} has no {MANIFEST}: not an index folder, or a build that never finished "
+            "(rerun build-index, with --resume to continue it)"
+        )
+    manifest = read_json(manifest_path, "index manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexLoadError(f"{manifest_path}: not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexLoadError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    for key in ("model_id", "count", "arrays", "files", "searcher"):
+        if key not in manifest:
+            raise IndexLoadError(f"{manifest_path}: missing field {key!r}")
+    missing = [name for name in ARRAYS if name not in manifest["arrays"]]
+    if missing:
+        raise IndexLoadError(f"{manifest_path}: no entry for arrays {missing}")
+    return manifest
+
+
+def verify_checksums(path: Path, manifest: dict) -> None:
+    """Recompute the sha256 of every file the manifest lists; raise naming the first mismatch."""
+    path = Path(path)
+    entries = {spec["file"]: spec["sha256"] for spec in manifest["arrays"].values()}
+    entries.update(manifest["files"])
+    for name, expected in sorted(entries.items()):
+        file = path / name
+        if not file.is_file():
+            raise IndexLoadError(f"{file}: listed in the manifest but missing")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise IndexLoadError(f"{file}: checksum mismatch (manifest sha256 {expected}, file has {actual}); the index is corrupt")
+    logger.info("verified %d files of %s", len(entries), path)
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class MemmapFeatureStore:
+    """A :class:`~imageragturbo.index.protocols.FeatureStore` over memory-mapped ``.npy`` arrays.
+
+    Opening it maps the arrays (nothing is read until rows are gathered) and checks each array's
+    shape and dtype against the manifest; :meth:`verify` recomputes the checksums. A gather of
+    ids [B, k] reads only those B*k rows.
+    """
+
+    def __init__(self, path: str | Path, manifest: dict | None = None):
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self.model_id: str = self.manifest["model_id"]
+        self.count = int(self.manifest["count"])
+        self.arrays: dict[str, np.ndarray] = {}
+        for name in ARRAYS:
+            spec = self.manifest["arrays"][name]
+            file = self.path / spec["file"]
+            try:
+                array = np.load(file, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError as exc:
+                raise IndexLoadError(f"{file}: listed in the manifest but missing") from exc
+            except ValueError as exc:
+                raise IndexLoadError(f"{file}: not a readable .npy array ({exc})") from exc
+            if list(array.shape) != list(spec["shape"]) or str(array.dtype) != spec["dtype"]:
+                raise IndexLoadError(
+                    f"{file}: array is {array.dtype} {list(array.shape)}, the manifest says {spec['dtype']} {spec['shape']}"
+                )
+            if array.shape[0] != self.count:
+                raise IndexLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
+            self.arrays[name] = array
+        self._captions = self._read_strings("captions.json")
+        self._source_ids = self._read_strings("source_ids.json")
+
+    def _read_strings(self, name: str) -> list[str]:
+        file = self.path / name
+        values = read_json(file, "string list")
+        if not isinstance(values, list) or len(values) != self.count or not all(isinstance(v, str) for v in values):
+            raise IndexLoadError(f"{file}: expected a JSON list of {self.count} strings")
+        return values
+
+    def verify(self) -> None:
+        """Recompute every file's sha256 against the manifest (reads the whole folder)."""
+        verify_checksums(self.path, self.manifest)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def text_emb(self) -> np.ndarray:
+        """float32 [N, Dq], memory-mapped."""
+        return self.arrays["text_emb"]
+
+    def _gather(self, name: str, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.count):
+            raise IndexError(f"ids must be in [0, {self.count}), got range [{ids.min()}, {ids.max()}]")
+        # Sorted unique reads touch each page once and in file order; the result is then
+        # scattered back to the requested layout.
+        unique, inverse = np.unique(ids, return_inverse=True)
+        rows = np.asarray(self.arrays[name][unique])
+        return rows[inverse.reshape(ids.shape)]
+
+    def text_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> float32 [B, k, Dq]."""
+        return self._gather("text_emb", ids)
+
+    def h_features(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> float16 [B, k, C, h, w]."""
+        return self._gather("h_retr", ids)
+
+    def latents(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> float16 [B, k, c, h, w]: the images' VAE latents z0."""
+        return self._gather("z0", ids)
+
+    def captions(self, ids: np.ndarray) -> list[list[str]]:
+        return [[self._captions[i] for i in row] for row in np.asarray(ids)]
+
+    def source_ids(self, ids: np.ndarray) -> list[list[str]]:
+        return [[self._source_ids[i] for i in row] for row in np.asarray(ids)]
+
+    def all_captions(self) -> list[str]:
+        return list(self._captions)
+
+
+# -- loading a database -----------------------------------------------------------------------
+
+
+def load_database(
+    name: str, path: str | Path, *, verify: bool = False, model_id: str | None = None
+) -> RetrievalDatabase:
+    """Open the database folder ``path`` as a :class:`RetrievalDatabase` called ``name``.
+
+    ``verify`` recomputes every checksum first (seconds per GB). ``model_id``, when given, must
+    equal the id the database was built with (a pipeline checks this again on ``add_database``).
+    Raises :class:`IndexLoadError` naming the folder and what is wrong.
+    """
+    from imageragturbo.index.searchers import load_searcher
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if model_id is not None and manifest["model_id"] != model_id:
+        raise IndexLoadError(
+            f"index {path} was built with model {manifest['model_id']}, but the model is {model_id}; "
+            "rebuild the index with this model"
+        )
+    if verify:
+        verify_checksums(path, manifest)
+    store = MemmapFeatureStore(path, manifest)
+    searcher = load_searcher(manifest["searcher"], path / SEARCHER_DIR, store)
+    logger.info(
+        "loaded index %r from %s: %d entries, searcher %s, model %s",
+        name, path, len(store), manifest["searcher"]["kind"], store.model_id,
+    )
+    return RetrievalDatabase(name, searcher, store)
+
+
+def parse_index_spec(spec: str) -> tuple[str, Path]:
+    """``"NAME=DIR"`` -> (NAME, DIR); a bare ``"DIR"`` is named after the folder."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"an index spec must be NAME=DIR or DIR, got {spec!r}")
+    name, sep, folder = spec.partition("=")
+    if not sep:
+        path = Path(spec)
+        name = path.resolve().name
+        if not name:
+            raise ValueError(f"cannot name the index {spec!r} after its folder; write NAME={spec}")
+        return name, path
+    if not name.strip() or not folder.strip():
+        raise ValueError(f"an index spec must be NAME=DIR with both parts non-empty, got {spec!r}")
+    return name.strip(), Path(folder)

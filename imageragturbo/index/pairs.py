@@ -1,0 +1,159 @@
+"""Where database pairs come from: the shapes world, a folder of images + captions, or JSONL.
+
+Every source has a length and reads any range ``[start, stop)`` as images resized to the
+model's pixel size, so a build can stop and resume at any chunk. Sources are validated when
+opened (every line parsed, every image file present), so a bad line fails the build before the
+model has run, with an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class PairSourceError(ValueError):
+    """A pair source is malformed; the message names the file (and line)."""
+
+
+@dataclass
+class PairBatch:
+    images: np.ndarray
+    """uint8 [n, H, W, 3] at the model's pixel size."""
+    captions: list[str]
+    source_ids: list[str]
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize the short side to fit, centre-crop to ``size`` (H, W) -> uint8 [H, W, 3]."""
+    image = image.convert("RGB")
+    height, width = size
+    if image.size != (width, height):
+        scale = max(width / image.width, height / image.height)
+        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _load_image(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return fit_image(image, size)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise PairSourceError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+class WorldPairs:
+    """The shapes world's ``database`` split (every composition, held-out ones included)."""
+
+    def __init__(self, n: int, seed: int = 0, split: str = "database"):
+        if n < 1:
+            raise PairSourceError(f"--world needs a positive number of pairs, got {n}")
+        self.n, self.seed, self.split = n, seed, split
+        self.description = {"kind": "world", "split": split, "n": n, "seed": seed}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, stop: int, size: tuple[int, int]) -> PairBatch:
+        from imageragturbo.world.splits import iter_world_pairs
+
+        images, captions, ids = [], [], []
+        for offset, (image, text, _spec) in enumerate(iter_world_pairs(self.split, stop - start, self.seed, start)):
+            images.append(fit_image(Image.fromarray(image), size))
+            captions.append(text)
+            ids.append(f"world/{self.split}/{self.seed}/{start + offset}")
+        return PairBatch(np.stack(images), captions, ids)
+
+
+class _ListedPairs:
+    """Pairs listed up front as (image path, caption, source id, where-for-errors)."""
+
+    def __init__(self, entries: list[tuple[Path, str, str, str]], description: dict):
+        if not entries:
+            raise PairSourceError(f"{description['path']}: no pairs found")
+        self.entries = entries
+        digest = hashlib.sha256()
+        for path, text, source_id, _ in entries:
+            digest.update(f"{path}\0{text}\0{source_id}\n".encode())
+        # The listing's hash makes a resumed build refuse a source that changed meanwhile.
+        self.description = {**description, "n": len(entries), "listing_sha256": digest.hexdigest()}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, start: int, stop: int, size: tuple[int, int]) -> PairBatch:
+        rows = self.entries[start:stop]
+        images = np.stack([_load_image(path, size, where) for path, _, _, where in rows])
+        return PairBatch(images, [r[1] for r in rows], [r[2] for r in rows])
+
+
+class FolderPairs(_ListedPairs):
+    """``DIR/name.png`` + ``DIR/name.txt`` (caption), for every image in DIR (recursively)."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        entries = []
+        for image in images:
+            caption_file = image.with_suffix(".txt")
+            if not caption_file.is_file():
+                raise PairSourceError(f"{image}: no caption file {caption_file.name} beside it")
+            text = caption_file.read_text(encoding="utf-8").strip()
+            if not text:
+                raise PairSourceError(f"{caption_file}: empty caption")
+            rel = image.relative_to(folder).as_posix()
+            entries.append((image, text, rel, str(image)))
+        super().__init__(entries, {"kind": "folder", "path": str(folder.resolve())})
+
+
+class JsonlPairs(_ListedPairs):
+    """One JSON object per line: ``{"image": path, "caption": text}`` (optional ``"id"``);
+    relative image paths are relative to the JSONL file's folder."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        entries = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PairSourceError(f"{where}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+                    raise PairSourceError(f'{where}: expected {{"image": "<path>", "caption": "<text>"}}, got {line.strip()[:120]}')
+                if not row["caption"].strip():
+                    raise PairSourceError(f"{where}: empty caption")
+                image = (path.parent / row["image"]).resolve()
+                if not image.is_file():
+                    raise PairSourceError(f"{where}: image not found: {image}")
+                source_id = str(row.get("id", f"{path.name}:{number}"))
+                entries.append((image, row["caption"].strip(), source_id, where))
+        super().__init__(entries, {"kind": "jsonl", "path": str(path.resolve())})
+
+
+def open_pairs(path: str | Path) -> _ListedPairs:
+    """A folder of images + .txt captions, or a ``.jsonl`` file."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderPairs(path)
+    if not path.is_file():
+        raise PairSourceError(f"pairs not found: {path} (expected a folder of images + .txt captions, or a .jsonl file)")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return JsonlPairs(path)
+    raise PairSourceError(f"{path}: unsupported pairs file; expected a folder or a .jsonl file")

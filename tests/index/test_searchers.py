@@ -1,0 +1,113 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from imageragturbo.index.searchers import (
+    Bm25Searcher,
+    ExactSearcher,
+    ScannSearcher,
+    ScannSpec,
+    build_searcher,
+    resolve_kind,
+)
+
+
+def clustered(n, dim, seed=0, clusters=40):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(3000, 32)
+    q = clustered(50, 32, seed=1)
+    return x, q
+
+
+def recall(ids, truth):
+    return np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(ids, truth)])
+
+
+def test_scann_brute_force_matches_exact(data):
+    x, q = data
+    exact_ids, exact_scores = ExactSearcher(x).search(q, 10)
+    searcher = ScannSearcher.build(x, ScannSpec.for_size(len(x)))
+    assert searcher.spec.mode == "brute_force"
+    ids, scores = searcher.search(q, 10)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (50, 10)
+    assert recall(ids, exact_ids) == 1.0
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    single_ids, _ = searcher.search(q[:1], 10)
+    np.testing.assert_array_equal(single_ids, ids[:1])
+
+
+def test_scann_tree_agrees_with_exact_and_survives_a_move(data, tmp_path):
+    x, q = data
+    spec = ScannSpec.for_size(len(x), mode="tree_ah", num_leaves_to_search=40, reorder=300)
+    assert spec.num_leaves == round(len(x) ** 0.5) and spec.spherical
+    searcher = ScannSearcher.build(x, spec)
+    exact_ids, _ = ExactSearcher(x).search(q, 10)
+    ids, scores = searcher.search(q, 10)
+    assert recall(ids, exact_ids) >= 0.95
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # Searching every leaf leaves only the quantisation + reorder error: near-exact.
+    full, _ = searcher.search(q, 10, leaves_to_search=spec.num_leaves, reorder=300)
+    assert recall(full, exact_ids) >= 0.99
+    # Fewer leaves is the speed knob: recall drops (this small, noisy set is a hard case).
+    assert recall(searcher.search(q, 10, leaves_to_search=5)[0], exact_ids) < recall(ids, exact_ids)
+
+    searcher.save(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")  # relative asset paths: the folder can move
+    loaded = ScannSearcher.load(tmp_path / "b", spec, *x.shape)
+    np.testing.assert_array_equal(loaded.search(q, 10)[0], ids)
+
+
+def test_scann_spec_refuses_contradictions():
+    with pytest.raises(ValueError, match="num_leaves_to_search"):
+        ScannSpec(mode="tree_ah", num_leaves=10, num_leaves_to_search=11, training_sample_size=100, reorder=10)
+    with pytest.raises(ValueError, match="mode"):
+        ScannSpec(mode="hnsw")
+    assert ScannSpec.for_size(630_000).num_leaves == 794
+
+
+def test_exact_search_checks_its_inputs(data):
+    x, q = data
+    searcher = ExactSearcher(x)
+    with pytest.raises(ValueError, match=r"float32 \[B, 32\]"):
+        searcher.search(q[:, :8], 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        searcher.search(q, 0)
+
+
+def test_bm25_finds_the_exact_caption(tmp_path):
+    from imageragturbo.world.splits import world_pairs
+
+    captions = [c for _, c, _ in world_pairs("database", 300)]
+    searcher = Bm25Searcher.build(captions)
+    searcher.save(tmp_path / "bm25")
+    loaded = Bm25Searcher.load(tmp_path / "bm25", len(captions))
+    probes = [0, 17, 123, 299]
+    ids, scores = loaded.search(None, 5, texts=[captions[i] for i in probes])
+    assert ids.shape == (4, 5) and scores.dtype == np.float32
+    # BM25 sees bags of words: captions with the same words in another order tie with the
+    # exact caption, so the exact caption must be among the top-scoring ties.
+    for row, row_scores, i in zip(ids, scores, probes):
+        best = [captions[j] for j, s in zip(row, row_scores) if s == row_scores[0]]
+        assert captions[i] in best
+        assert row_scores[0] > 0
+    assert not list((tmp_path / "bm25").glob("*.pkl"))
+    with pytest.raises(ValueError, match="texts"):
+        loaded.search(np.zeros((1, 4), np.float32), 3)
+
+
+def test_auto_kind_and_build_searcher(data, tmp_path):
+    x, _ = data
+    assert resolve_kind("auto", 19_999) == "exact" and resolve_kind("auto", 20_000) == "scann"
+    with pytest.raises(ValueError, match="searcher must be one of"):
+        resolve_kind("faiss", 10)
+    entry = build_searcher("scann", x, [], tmp_path / "s")
+    assert entry["kind"] == "scann" and entry["params"]["mode"] == "brute_force"
+    assert (tmp_path / "s" / "scann_assets.pbtxt").is_file()
