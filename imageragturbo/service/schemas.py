@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**63 - 1
@@ -38,6 +39,15 @@ class GenerateRequest(BaseModel):
     database: str | None = Field(
         None, max_length=128, description="a configured database name (default: the first configured one)"
     )
+
+    @field_validator("inject_w")
+    @classmethod
+    def _positive_in_float32(cls, w: float) -> float:
+        # The model blends in float32: a positive double below float32's smallest subnormal
+        # would become a zero weight there.
+        if not np.float32(w) > 0:
+            raise ValueError(f"inject_w must be at least {float(np.finfo(np.float32).smallest_subnormal):.1e} (float32), got {w!r}")
+        return w
 
 
 class NeighborOut(BaseModel):

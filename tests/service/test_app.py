@@ -113,6 +113,7 @@ BAD_INPUTS = [
     ({"prompt": "a", "k": 17}, 422, "k: Input should be less than or equal to 16"),
     ({"prompt": "a", "k": 7}, 422, "k must be at most 6, the size of database 'shapes'"),
     ({"prompt": "a", "inject_w": 0}, 422, "inject_w: Input should be greater than 0"),
+    ({"prompt": "a", "inject_w": 1e-300}, 422, "inject_w: Value error, inject_w must be at least 1.4e-45 (float32)"),
     ({"prompt": "a", "inject_w": 1.5}, 422, "inject_w: Input should be less than or equal to 1"),
     ({"prompt": "a", "inject_w": "lots"}, 422, "inject_w: Input should be a valid number"),
     ({"prompt": "a", "mode": "fast"}, 422, "mode: Input should be 'adapter', 'inject' or 'off'"),
