@@ -44,6 +44,8 @@ def register(sub, group) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--h-rows", type=int, default=4096, help="rows of the SD-sized H-feature store for the gather timing")
     p.add_argument("--model", type=Path, default=None, help="model for the quantisation effect (default: the bundled one, if present)")
+    p.add_argument("--effect-pairs", type=int, default=256, help="database pairs for the quantisation effect (0: skip it)")
+    p.add_argument("--effect-prompts", type=int, default=32, help="test-held prompts for the quantisation effect")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder for data and indexes (default: a temporary one)")
     p.add_argument("--json", type=Path, required=True, help="results JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results as a markdown report")

@@ -129,6 +129,20 @@ def verify_checksums(path: Path, manifest: dict) -> None:
     logger.info("verified %d files of %s", len(entries), path)
 
 
+def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``array[ids]`` for a memory-mapped [N, ...] array and ids int [B, k] -> [B, k, ...],
+    reading only those rows (a copy of k rows, never of the array)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = array.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise IndexError(f"ids must be in [0, {n}), got range [{ids.min()}, {ids.max()}]")
+    # Sorted unique reads touch each page once and in file order; the result is then
+    # scattered back to the requested layout.
+    unique, inverse = np.unique(ids, return_inverse=True)
+    rows = np.asarray(array[unique])
+    return rows[inverse.reshape(ids.shape)]
+
+
 # -- the store --------------------------------------------------------------------------------
 
 
@@ -185,14 +199,7 @@ class MemmapFeatureStore:
         return self.arrays["text_emb"]
 
     def _gather(self, name: str, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.count):
-            raise IndexError(f"ids must be in [0, {self.count}), got range [{ids.min()}, {ids.max()}]")
-        # Sorted unique reads touch each page once and in file order; the result is then
-        # scattered back to the requested layout.
-        unique, inverse = np.unique(ids, return_inverse=True)
-        rows = np.asarray(self.arrays[name][unique])
-        return rows[inverse.reshape(ids.shape)]
+        return gather_rows(self.arrays[name], ids)
 
     def text_embeddings(self, ids: np.ndarray) -> np.ndarray:
         """ids int64 [B, k] -> float32 [B, k, Dq]."""

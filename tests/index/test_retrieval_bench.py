@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+import pytest
+
+from imageragturbo.cli import main
+from imageragturbo.eval.retrieval_bench import (
+    dequantize_int8_per_channel,
+    exact_topk,
+    pca_channels,
+    quantize_int8_per_channel,
+    store_sizes,
+)
+
+FIELDS = ("searcher", "build_s", "p50_ms", "p99_ms", "recall_at_10", "peak_rss_gb", "index_bytes")
+
+
+def test_bench_retrieval_small_run_writes_every_field(tmp_path, tiny_model_dir):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "retrieval", "--n", "2000", "--dim", "32", "--queries", "60", "--h-rows", "16",
+                 "--model", str(tiny_model_dir), "--effect-pairs", "16", "--effect-prompts", "4",
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "r.md")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 2000 and result["dim"] == 32 and result["searcher"] == "scann"
+    for entry in [result, *result["peers"]]:
+        for field in FIELDS:
+            assert field in entry, field
+        assert 0 <= entry["recall_at_10"] <= 1 and entry["p50_ms"] <= entry["p99_ms"]
+        assert entry["index_bytes"] > 0 and entry["peak_rss_gb"] > 0 and entry["build_s"] >= 0
+    # Peers that are not installed are listed as skipped, never silently dropped.
+    ran = {p["searcher"] for p in result["peers"]} | {p["searcher"] for p in result["skipped_peers"]}
+    assert ran == {"faiss-hnsw", "faiss-ivf", "hnswlib"}
+    assert result["recall_at_10"] >= 0.95  # an easy set: some swept setting reaches the target
+    assert result["gather"]["k"] == 4 and result["gather"]["warm_p50_ms"] > 0
+    assert set(result["quantisation_effect"]["variants"]) == {"int8_per_channel", "pca_16_of_64", "pca_16_of_64_int8"}
+    report = (tmp_path / "r.md").read_text()
+    assert "| scann |" in report and "## Machine" in report
+
+
+def test_exact_topk_streams_in_blocks():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((1000, 8)).astype(np.float32)
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+    reference = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+    np.testing.assert_array_equal(exact_topk(data, queries, 10, block=128), reference)
+
+
+def test_store_shrinking_helpers():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((6, 16, 4, 4)).astype(np.float32)
+    q, scale = quantize_int8_per_channel(h)
+    assert q.dtype == np.int8 and scale.shape == (6, 16) and scale.dtype == np.float16
+    # Rounding to 1/127 of each channel's max, plus the fp16 scale's own rounding.
+    assert np.abs(dequantize_int8_per_channel(q, scale) - h).max() <= np.abs(h).max() * (0.5 / 127 + 1e-3)
+    np.testing.assert_allclose(pca_channels(h, 16), h, atol=1e-4)
+    assert np.linalg.norm(pca_channels(h, 4) - h) > 0.1 * np.linalg.norm(h)
+    sizes = store_sizes()
+    assert sizes["fp16_bytes"] == 630_000 * 1280 * 64 * 2
+    assert sizes["int8_per_channel_bytes"] < 0.52 * sizes["fp16_bytes"]
