@@ -14,7 +14,7 @@ def register(sub, group) -> None:
     p.add_argument("--model", type=Path, default=None, help="model directory (default: IRT_MODEL or the bundled model)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", type=int, metavar="N", help="N pairs of the shapes world's database split")
-    source.add_argument("--pairs", type=Path, metavar="PATH", help="a folder of images + same-name .txt captions, or a .jsonl of {image, caption}")
+    source.add_argument("--pairs", type=Path, metavar="PATH", help="a folder of images + same-name .txt captions, a .jsonl or a .parquet of {image, caption}")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's database stream")
     p.add_argument("--searcher", choices=("auto", "exact", "scann", "bm25"), default="auto", help="auto: exact under 20k pairs, else scann")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")

@@ -1,4 +1,4 @@
-"""Where database pairs come from: the shapes world, a folder of images + captions, or JSONL.
+"""Where database pairs come from: the shapes world, a folder of images + captions, JSONL or Parquet.
 
 Every source has a length and reads any range ``[start, stop)`` as images resized to the
 model's pixel size, so a build can stop and resume at any chunk. Sources are validated when
@@ -9,6 +9,7 @@ model has run, with an error naming the file and line.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -147,8 +148,78 @@ class JsonlPairs(_ListedPairs):
         super().__init__(entries, {"kind": "jsonl", "path": str(path.resolve())})
 
 
-def open_pairs(path: str | Path) -> _ListedPairs:
-    """A folder of images + .txt captions, or a ``.jsonl`` file."""
+class ParquetPairs:
+    """A Parquet file with columns ``image`` and ``caption`` (optional ``id``). ``image`` holds
+    a path (relative to the file's folder), encoded image bytes, or a ``{bytes, path}`` struct
+    (the Hugging Face datasets layout). Needs pyarrow (``pip install '.[parquet]'``).
+
+    Captions are read and checked up front; images are read one row group at a time.
+    """
+
+    def __init__(self, path: Path):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise PairSourceError(f"{path}: reading Parquet needs pyarrow; pip install '.[parquet]'") from exc
+        self.path = Path(path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (OSError, ValueError) as exc:
+            raise PairSourceError(f"{self.path}: not a readable Parquet file ({exc})") from exc
+        names = self._file.schema_arrow.names
+        if "image" not in names or "caption" not in names:
+            raise PairSourceError(f"{self.path}: expected columns 'image' and 'caption', found {names}")
+        columns = ["caption"] + (["id"] if "id" in names else [])
+        table = self._file.read(columns=columns)
+        self.captions = table.column("caption").to_pylist()
+        for row, text in enumerate(self.captions):
+            if not isinstance(text, str) or not text.strip():
+                raise PairSourceError(f"{self.path}: row {row}: caption must be a non-empty string, got {text!r}")
+        self.captions = [c.strip() for c in self.captions]
+        ids = table.column("id").to_pylist() if "id" in names else range(len(self.captions))
+        self.ids = [f"{self.path.name}:{i}" if "id" not in names else str(i) for i in ids]
+        if not self.captions:
+            raise PairSourceError(f"{self.path}: no rows")
+        metadata = self._file.metadata
+        self._group_starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+        self._cached: tuple[int, list] | None = None
+        digest = hashlib.sha256("\n".join(self.captions).encode())
+        self.description = {"kind": "parquet", "path": str(self.path.resolve()), "n": len(self.captions), "captions_sha256": digest.hexdigest()}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _images_of_group(self, group: int) -> list:
+        if self._cached is None or self._cached[0] != group:
+            self._cached = (group, self._file.read_row_group(group, columns=["image"]).column("image").to_pylist())
+        return self._cached[1]
+
+    def _image(self, row: int, size: tuple[int, int]) -> np.ndarray:
+        group = int(np.searchsorted(self._group_starts, row, side="right") - 1)
+        value = self._images_of_group(group)[row - self._group_starts[group]]
+        where = f"{self.path}: row {row}"
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str):
+            image_path = (self.path.parent / value).resolve()
+            if not image_path.is_file():
+                raise PairSourceError(f"{where}: image not found: {image_path}")
+            return _load_image(image_path, size, where)
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                with Image.open(io.BytesIO(value)) as image:
+                    return fit_image(image, size)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise PairSourceError(f"{where}: cannot decode the image bytes: {exc}") from exc
+        raise PairSourceError(f"{where}: image must be a path, bytes or {{bytes, path}}, got {type(value).__name__}")
+
+    def read(self, start: int, stop: int, size: tuple[int, int]) -> PairBatch:
+        images = np.stack([self._image(row, size) for row in range(start, stop)])
+        return PairBatch(images, self.captions[start:stop], self.ids[start:stop])
+
+
+def open_pairs(path: str | Path):
+    """A folder of images + .txt captions, a ``.jsonl`` file, or a ``.parquet`` file."""
     path = Path(path)
     if path.is_dir():
         return FolderPairs(path)
@@ -156,4 +227,6 @@ def open_pairs(path: str | Path) -> _ListedPairs:
         raise PairSourceError(f"pairs not found: {path} (expected a folder of images + .txt captions, or a .jsonl file)")
     if path.suffix.lower() in (".jsonl", ".json"):
         return JsonlPairs(path)
-    raise PairSourceError(f"{path}: unsupported pairs file; expected a folder or a .jsonl file")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return ParquetPairs(path)
+    raise PairSourceError(f"{path}: unsupported pairs file; expected a folder, a .jsonl or a .parquet file")

@@ -244,3 +244,37 @@ def test_two_databases_selectable_by_name(pipe, tiny_model_dir, tmp_path, capsys
     code = main(["generate", prompt, "--mode", "inject", "--model", str(tiny_model_dir), "--out", str(tmp_path / "c.png"),
                  "--index", f"a={tmp_path / 'a'}", "--database", "nope"])
     assert code == 2 and "unknown database 'nope'" in capsys.readouterr().err
+
+
+def test_build_from_parquet_paths_and_bytes(pipe, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    from imageragturbo.world.splits import world_pairs
+
+    pairs = world_pairs("train", 5, seed=4)
+    _write_folder(tmp_path / "folder", pairs)
+    encoded = []
+    for image, _, _ in pairs:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    captions = [c for _, c, _ in pairs]
+    # Two row groups, images as bytes: rows are read across the group boundary.
+    pq.write_table(pa.table({"image": encoded, "caption": captions}), tmp_path / "bytes.parquet", row_group_size=3)
+    pq.write_table(pa.table({"image": [f"folder/img{i:02d}.png" for i in range(5)], "caption": captions,
+                             "id": [f"q{i}" for i in range(5)]}), tmp_path / "paths.parquet")
+    build_index(pipe, open_pairs(tmp_path / "bytes.parquet"), tmp_path / "a", batch_size=2, chunk_size=4, progress=False)
+    build_index(pipe, open_pairs(tmp_path / "paths.parquet"), tmp_path / "b", progress=False)
+    a, b = MemmapFeatureStore(tmp_path / "a"), MemmapFeatureStore(tmp_path / "b")
+    assert a.all_captions() == b.all_captions() == captions
+    assert b.source_ids(np.array([[4]])) == [["q4"]] and a.source_ids(np.array([[4]])) == [["bytes.parquet:4"]]
+    # (Batch sizes differ, so float rounding may differ by an fp16 ulp.)
+    np.testing.assert_allclose(np.asarray(a.arrays["h_retr"], np.float32), np.asarray(b.arrays["h_retr"], np.float32), atol=2e-3)
+    pq.write_table(pa.table({"image": encoded[:2], "caption": ["ok", " "]}), tmp_path / "bad.parquet")
+    with pytest.raises(PairSourceError, match=r"bad\.parquet: row 1: caption must be a non-empty string"):
+        open_pairs(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"picture": encoded[:1], "caption": ["ok"]}), tmp_path / "cols.parquet")
+    with pytest.raises(PairSourceError, match="expected columns 'image' and 'caption'"):
+        open_pairs(tmp_path / "cols.parquet")
