@@ -109,7 +109,7 @@ def _rows(path):
 def test_killed_build_leaves_nothing_loadable_and_resume_completes(pipe, tiny_model_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "imageragturbo.cli", "build-index", "--out", str(out), "--model", str(tiny_model_dir),
-           "--world", "64", "--chunk-size", "8", "--batch-size", "8", "--no-progress"]
+           "--world", "24", "--chunk-size", "4", "--batch-size", "4", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     second_chunk = partial_dir(out) / "chunks" / "chunk-000001.npz"
@@ -125,13 +125,13 @@ def test_killed_build_leaves_nothing_loadable_and_resume_completes(pipe, tiny_mo
             load_database("x", folder)
     # --resume continues only a build of the same thing.
     with pytest.raises(IndexBuildError, match=r"cannot resume .*chunk_size"):
-        build_index(pipe, WorldPairs(64), out, chunk_size=16, resume=True, progress=False)
-    result = build_index(pipe, WorldPairs(64), out, batch_size=8, chunk_size=8, resume=True, progress=False)
-    assert result.resumed_chunks >= 2 and result.count == 64
+        build_index(pipe, WorldPairs(24), out, chunk_size=8, resume=True, progress=False)
+    result = build_index(pipe, WorldPairs(24), out, batch_size=4, chunk_size=4, resume=True, progress=False)
+    assert result.resumed_chunks >= 2 and result.count == 24
     load_database("done", out, verify=True)
     # The resumed index equals one built in one go.
     clean = tmp_path / "clean"
-    build_index(pipe, WorldPairs(64), clean, batch_size=8, chunk_size=8, progress=False)
+    build_index(pipe, WorldPairs(24), clean, batch_size=4, chunk_size=4, progress=False)
     resumed_rows, resumed_captions = _rows(out)
     clean_rows, clean_captions = _rows(clean)
     assert resumed_captions == clean_captions
