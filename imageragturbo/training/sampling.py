@@ -1,0 +1,105 @@
+"""Sampling the shapes-world teacher for evaluation during and after pretraining.
+
+A deliberately small sampler (DDIM with classifier-free guidance, or one step) so that
+pretraining can evaluate itself without the serving pipeline; the pipeline in
+``imageragturbo.model`` is the product path. With the teacher's schedule (zero terminal
+SNR, trailing spacing, v-prediction) the first step starts from pure noise and a single
+step gives ``x0 = -v``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+from imageragturbo.training.pretrain_checkpoints import tensor_to_images
+from imageragturbo.world.verifier import BenchmarkResult, verify_batch
+
+
+@dataclass
+class TeacherParts:
+    """What sampling needs: the frozen text side, the UNet, the VAE and a DDIM scheduler."""
+
+    tokenizer: PreTrainedTokenizerFast
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIMScheduler
+
+
+@torch.no_grad()
+def encode_text(tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, prompts: Sequence[str]) -> torch.Tensor:
+    """float32 [B, L, D]: the text encoder's last hidden state, prompts padded to the full length."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids=ids).last_hidden_state
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """float32 [B, C, H, W]: one standard-normal latent per seed (same seed, same noise)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    ctx: torch.Tensor,
+    ctx_uncond: torch.Tensor | None,
+    z_T: torch.Tensor,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """Denoise ``z_T`` (float32 [B, 4, 8, 8]) in ``steps`` DDIM steps; returns scaled latents ``z0``.
+
+    ``ctx`` float32 [B, L, D] is the prompt context, ``ctx_uncond`` [1 or B, L, D] the empty
+    prompt's; with ``guidance == 1`` or no ``ctx_uncond`` there is no CFG batch.
+    """
+    scheduler.set_timesteps(steps)
+    z = z_T * scheduler.init_noise_sigma
+    cfg = ctx_uncond is not None and guidance != 1.0
+    if cfg:
+        ctx_in = torch.cat([ctx_uncond.expand(len(ctx), -1, -1), ctx])
+    for t in scheduler.timesteps:
+        if cfg:
+            out = unet(torch.cat([z, z]), t, encoder_hidden_states=ctx_in).sample
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        else:
+            out = unet(z, t, encoder_hidden_states=ctx).sample
+        z = scheduler.step(out, t, z, eta=0.0).prev_sample
+    return z
+
+
+@torch.no_grad()
+def generate(
+    parts: TeacherParts, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 3.0, batch_size: int = 100
+) -> np.ndarray:
+    """uint8 [B, 32, 32, 3] images for ``prompts`` with per-prompt noise ``seeds``."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    cfg = parts.unet.config
+    ctx_uncond = encode_text(parts.tokenizer, parts.text_encoder, [""])
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ctx = encode_text(parts.tokenizer, parts.text_encoder, prompts[i : i + batch_size])
+        z_T = initial_noise(seeds[i : i + batch_size], (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+        z0 = sample_latents(parts.unet, parts.scheduler, ctx, ctx_uncond, z_T, steps, guidance)
+        x = parts.vae.decode(z0 / parts.vae.config.scaling_factor).sample
+        out.append(tensor_to_images(x))
+    return np.concatenate(out)
+
+
+def score_prompts(
+    parts: TeacherParts, prompts: Sequence[tuple[str, int]], steps: int, guidance: float
+) -> tuple[BenchmarkResult, np.ndarray]:
+    """Generate one image per (caption, seed) and verify it: (benchmark, uint8 [B, 32, 32, 3])."""
+    captions = [c for c, _ in prompts]
+    images = generate(parts, captions, [s for _, s in prompts], steps=steps, guidance=guidance)
+    return verify_batch(images, captions), images

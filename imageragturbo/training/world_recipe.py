@@ -1,0 +1,151 @@
+"""The whole shapes-world recipe: VAE -> CLIP -> teacher -> ``models/shapes-v1/`` (one call).
+
+Usage::
+
+    python -m imageragturbo.training.world_recipe --runs runs/world --model models/shapes-v1 [--resume]
+
+Stages (each a pretraining run with its own config under ``configs/``, output under ``--runs``):
+
+1. ``vae``: AutoencoderKL from scratch (``vae.json``);
+2. ``vae_ft``: decoder-only fine-tune of it, same latent space (``vae_decoder_ft.json``);
+3. ``clip``: contrastive CLIP from scratch (``clip.json``);
+4. ``clip_entities``: continued with the entity term (``clip_entities.json``);
+5. ``teacher``: the UNet on the frozen VAE encoder and text encoder (``teacher.json``);
+6. export: fp16 safetensors in diffusers layout, evaluated and given a model card.
+
+``--resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
+(a stage is finished when its export exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+from imageragturbo.training import pretrain_clip, pretrain_teacher, pretrain_vae
+from imageragturbo.training.sampling import TeacherParts, score_prompts
+from imageragturbo.world.splits import eval_prompts
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def model_index() -> dict:
+    """A StableDiffusionPipeline-like index of the parts (no safety checker, no feature extractor)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def export_model_dir(vae_dir: Path, clip_run: Path, teacher_run: Path, model_dir: Path) -> int:
+    """Write the diffusers-format model directory in fp16; return its size in bytes.
+
+    Written to ``<model_dir>.tmp`` and renamed into place, so a crash never leaves half a model.
+    """
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    AutoTokenizer.from_pretrained(clip_run / "tokenizer", local_files_only=True).save_pretrained(tmp / "tokenizer")
+    parts = {
+        "text_encoder": CLIPTextModel.from_pretrained(clip_run / "text_encoder", local_files_only=True),
+        "clip": CLIPModel.from_pretrained(clip_run / "clip", local_files_only=True),
+        "vae": AutoencoderKL.from_pretrained(vae_dir, local_files_only=True),
+        "unet": UNet2DConditionModel.from_pretrained(teacher_run / "unet", local_files_only=True),
+    }
+    for name, module in parts.items():
+        module.to(torch.float16).save_pretrained(tmp / name, safe_serialization=True)
+    DDIMScheduler.from_pretrained(teacher_run / "scheduler", local_files_only=True).save_pretrained(tmp / "scheduler")
+    (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        shutil.copy(readme, tmp / "README.md")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    return sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+
+
+def load_teacher_parts(model_dir: Path) -> TeacherParts:
+    """The exported model's parts in float32 (weights are stored in fp16)."""
+    fp32 = {"local_files_only": True, "torch_dtype": torch.float32}
+    return TeacherParts(
+        tokenizer=AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", **fp32).eval(),
+        unet=UNet2DConditionModel.from_pretrained(model_dir / "unet", **fp32).eval(),
+        vae=AutoencoderKL.from_pretrained(model_dir / "vae", **fp32).eval(),
+        scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler", local_files_only=True),
+    )
+
+
+def evaluate_model_dir(model_dir: Path, n_prompts: int = 200, steps: int = 25, guidances: tuple[float, ...] = (3.0,)) -> dict:
+    """Verifier scores of the exported teacher on test-seen and test-held (multi-step CFG and one step)."""
+    parts = load_teacher_parts(model_dir)
+    out: dict = {"n_prompts": n_prompts, "steps": steps}
+    for split in ("test-seen", "test-held"):
+        prompts = eval_prompts(split, n_prompts)
+        for g in guidances:
+            t = time.monotonic()
+            bench, _ = score_prompts(parts, prompts, steps=steps, guidance=g)
+            out[f"{split}/{steps}step/cfg{g:g}"] = bench.as_dict() | {"wall_s": round(time.monotonic() - t, 1)}
+        bench, _ = score_prompts(parts, prompts, steps=1, guidance=1.0)
+        out[f"{split}/1step"] = bench.as_dict()
+    return out
+
+
+def run(runs: Path, model_dir: Path, resume: bool = False) -> dict:
+    """Run every stage in order (see module docstring) and export; return the evaluation."""
+    runs.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+
+    def stage(name: str, module, config: str, done: Path, **overrides) -> None:
+        if resume and done.exists():
+            logger.info("stage %s already finished (%s exists)", name, done)
+            return
+        t = time.monotonic()
+        module.main(CONFIGS / config, runs / name, resume=resume, **overrides)
+        walls[name] = round(time.monotonic() - t, 1)
+
+    stage("vae", pretrain_vae, "vae.json", runs / "vae" / "vae")
+    stage("vae_ft", pretrain_vae, "vae_decoder_ft.json", runs / "vae_ft" / "vae", init_from=str(runs / "vae" / "vae"))
+    stage("clip", pretrain_clip, "clip.json", runs / "clip" / "clip")
+    stage("clip_entities", pretrain_clip, "clip_entities.json", runs / "clip_entities" / "clip", init_from=str(runs / "clip" / "clip"))
+    # The teacher learns on the first VAE's latents: the fine-tune changed only the decoder.
+    stage(
+        "teacher", pretrain_teacher, "teacher.json", runs / "teacher" / "unet",
+        vae_dir=str(runs / "vae" / "vae"), clip_dir=str(runs / "clip_entities"),
+    )
+    size = export_model_dir(runs / "vae_ft" / "vae", runs / "clip_entities", runs / "teacher", model_dir)
+    logger.info("exported %s (%.1f MB)", model_dir, size / 1e6)
+    result = evaluate_model_dir(model_dir)
+    result["stage_wall_s"] = walls
+    (runs / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="runs/world")
+    parser.add_argument("--model", default="models/shapes-v1")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(Path(args.runs), Path(args.model), resume=args.resume)
