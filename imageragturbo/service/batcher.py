@@ -6,10 +6,11 @@ Items of a batch get the same image they would get alone (the pipeline seeds eac
 from its own generator), so batching changes latency, never content.
 
 How long the worker holds a batch open: it waits (at most ``batch_wait_ms``) only while the
-batch is smaller than the largest of the last few batches. Under a lone client that is 1, so a
-request never waits for company that is not coming; under load the batches fill up to what the
-clients keep in flight, as in Triton's dynamic batcher with a preferred batch size learned from
-traffic.
+batch is smaller than the recent *demand*, the largest of the last few batches' size plus the
+requests that arrived while it ran. Under a lone client that is 1, so a request never waits for
+company that is not coming; under closed-loop load it is the number of requests the clients
+keep in flight, so batches fill up to that (Triton's dynamic batcher, with the preferred batch
+size learned from traffic).
 
 The worker fills plain :class:`BatchStats`; the metrics module turns them into Prometheus
 series (vLLM's split between engine stats and the stat logger).
@@ -116,7 +117,7 @@ class MicroBatcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._recent_sizes: deque[int] = deque([1], maxlen=RECENT_BATCHES)
+        self._recent_demand: deque[int] = deque([1], maxlen=RECENT_BATCHES)
         self._thread = threading.Thread(target=self._work, name="irt-worker", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------
@@ -221,7 +222,7 @@ class MicroBatcher:
                 key = self._queue[0].key
                 batch: list[Job] = []
                 self._take(key, self.max_batch, batch)
-                target = min(self.max_batch, max(self._recent_sizes))
+                target = min(self.max_batch, max(self._recent_demand))
                 deadline = time.perf_counter() + self.batch_wait_s
                 while len(batch) < target and not self._closing:
                     remaining = deadline - time.perf_counter()
@@ -230,11 +231,17 @@ class MicroBatcher:
                     self._cond.wait(remaining)
                     self._take(key, self.max_batch, batch)
                 if batch:
-                    self._recent_sizes.append(len(batch))
                     return batch
                 # Every job taken had been cancelled: look again.
 
     def _run(self, batch: list[Job]) -> None:
+        try:
+            self._run_batch(batch)
+        finally:
+            with self._cond:
+                self._recent_demand.append(len(batch) + len(self._queue))
+
+    def _run_batch(self, batch: list[Job]) -> None:
         start = time.perf_counter()
         queue_wait_ms = [(start - job.enqueued_s) * 1e3 for job in batch]
         try:
