@@ -52,6 +52,10 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--database", default=None, help="which --index to retrieve from (default: the first)")
     p.add_argument("--verify-index", action="store_true", help="check every index file's checksum before use")
+    p.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="what runs text encoding, denoise and VAE decode (default: torch)")
+    p.add_argument("--engine-dir", type=Path, default=None,
+                   help="an `imageragturbo export` folder (needed by onnxruntime and tensorrt)")
     p.set_defaults(handler=_generate)
 
 
@@ -66,6 +70,13 @@ def _generate(args) -> int:
         pipe = RagTurboPipeline.from_pretrained(model_dir, adapter_dir=args.adapter, lora_dir=args.lora)
     except ModelLoadError as exc:
         raise CliError(str(exc)) from exc
+    if args.engine != "torch":
+        from imageragturbo.engines import EngineLoadError, load_pipeline_engines
+
+        try:
+            pipe.use_engines(load_pipeline_engines(args.engine, args.engine_dir, pipe.components))
+        except (EngineLoadError, ValueError) as exc:
+            raise CliError(str(exc)) from exc
     specs = args.index if args.index is not None else ([f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else [])
     try:
         for spec in specs:
@@ -96,7 +107,7 @@ def _generate(args) -> int:
 # ``sub`` is the top-level subparsers object; ``group(name, help)`` returns the nested
 # subparsers of a shared command (``train``, ``bench``, ``eval``), creating it once, so several
 # subsystems can add e.g. ``bench latency`` and ``bench retrieval``.
-COMMAND_MODULES: tuple[str, ...] = ("imageragturbo.index.commands", "imageragturbo.service.commands", "imageragturbo.training.commands", "imageragturbo.eval.commands")
+COMMAND_MODULES: tuple[str, ...] = ("imageragturbo.index.commands", "imageragturbo.service.commands", "imageragturbo.training.commands", "imageragturbo.eval.commands", "imageragturbo.engines.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

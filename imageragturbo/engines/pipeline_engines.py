@@ -102,7 +102,7 @@ def load_pipeline_engines(
 
     - ``torch``: the reference modules (no export needed; ``engine_dir`` is ignored).
     - ``onnxruntime``: options go to :class:`OrtEngine` (``provider``, ``threads``, ``optimization``,
-      ``io_binding``, ``profile_prefix``).
+      ``io_binding``, ``static_sizes``, ``profile_prefix``).
     - ``tensorrt``: options go to :class:`TrtEngine` (``build``: a TrtBuildSpec, ``cuda_graph``);
       built engines are cached in ``<engine_dir>/tensorrt`` (or ``cache_dir``).
 

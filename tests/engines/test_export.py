@@ -7,7 +7,6 @@ import torch
 
 from imageragturbo.engines import (
     EngineLoadError,
-    OrtEngine,
     StaleExportError,
     TorchEngine,
     build_graphs,
@@ -49,19 +48,12 @@ def test_manifest_lists_every_graph_with_spec_hash_and_parity(exported):
     assert on_disk["graphs"]["vae_decode"]["spec"]["inputs"][0]["name"] == "z0"
 
 
-@pytest.fixture(scope="module")
-def ort_engines(exported):
-    _, out = exported
-    manifest = read_manifest(out)
-    return {name: OrtEngine(out / g.file, g.spec, threads=1) for name, g in manifest.graphs.items()}
-
-
 @pytest.mark.parametrize("name", ALL_GRAPHS)
 @pytest.mark.parametrize(("batch", "k"), [(1, 1), (3, 4)])
 def test_onnxruntime_matches_torch(exported, ort_engines, name, batch, k):
     components, _ = exported
     graph = build_graphs(components)[name]
-    ort_engine = ort_engines[name]
+    ort_engine = ort_engines.engines[name]
     inputs = graph.spec.example_inputs({"batch": batch, "k": k}, seed=batch + k)
     ref = TorchEngine(graph).run(inputs)
     got = ort_engine.run(inputs)

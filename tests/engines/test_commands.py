@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from imageragturbo.cli import main
+from imageragturbo.engines import read_manifest
+from imageragturbo.eval.latency_bench import (
+    REPORT_BEGIN,
+    REPORT_END,
+    STAGES,
+    LatencyResult,
+    LatencyRun,
+    derived_ratios,
+    stage_stats,
+    update_report,
+)
+
+
+def test_export_command_writes_the_requested_graphs(adapter_model_dir, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(adapter_model_dir), "--out", str(out), "--graphs", "text_encoder,vae_decode"]) == 0
+    assert list(read_manifest(out).graphs) == ["text_encoder", "vae_decode"]
+    err = capsys.readouterr().err
+    assert "max rel err vs torch" in err and "manifest.json" in err
+    assert main(["export", "--model", str(adapter_model_dir), "--out", str(out), "--graphs", "unet"]) == 2
+    assert "unknown graph 'unet'" in capsys.readouterr().err
+
+
+def test_bench_latency_runs_the_protocol_and_reports(adapter_model_dir, exported, tmp_path, capsys):
+    _, engine_dir = exported
+    report = tmp_path / "results" / "latency.md"
+    report.parent.mkdir()
+    report.write_text("# Latency\n\nHand-written notes stay.\n")
+    out = tmp_path / "latency.json"
+    argv = ["bench", "latency", "--engines", "torch,onnxruntime", "--modes", "off,adapter", "--n", "2", "--warmup", "1",
+            "--db-size", "12", "--model", str(adapter_model_dir), "--engine-dir", str(engine_dir),
+            "--json", str(out), "--report", str(report), "--profile", "1"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"machine", "runs"} and data["machine"]["threads"] == 1
+    assert [(r["engine"], r["mode"]) for r in data["runs"]] == [
+        ("torch", "off"), ("torch", "adapter"), ("onnxruntime", "off"), ("onnxruntime", "adapter")
+    ]
+    for run in data["runs"]:
+        assert run["n"] == 2 and set(run["stages"]) == set(STAGES)
+        for stats in run["stages"].values():
+            assert set(stats) == {"mean_ms", "p50_ms", "p90_ms"} and stats["p90_ms"] >= stats["p50_ms"] >= 0
+        assert (run["stages"]["retrieve"]["p50_ms"] > 0) == (run["mode"] == "adapter")
+    assert data["profile"]["onnxruntime"]["denoise_adapter"][0]["ms"] > 0
+    text = report.read_text()
+    assert text.startswith("# Latency\n\nHand-written notes stay.") and REPORT_BEGIN in text and REPORT_END in text
+    assert "| onnxruntime | adapter |" in text and "x faster" in text
+    assert (report.parent / "latency.png").stat().st_size > 1000
+    assert main(["bench", "latency", "--engines", "onnx", "--json", str(out), "--model", str(adapter_model_dir)]) == 2
+    assert "unknown engine 'onnx'" in capsys.readouterr().err
+
+
+def test_stats_and_ratios():
+    assert stage_stats([1.0, 2.0, 3.0, 4.0]) == {"mean_ms": 2.5, "p50_ms": 2.5, "p90_ms": 3.7}
+    with pytest.raises(ValueError, match="no samples"):
+        stage_stats([])
+
+    def run(engine, mode, denoise, total):
+        stages = {s: stage_stats([1.0]) for s in STAGES}
+        stages["denoise"], stages["total"] = stage_stats([denoise]), stage_stats([total])
+        return LatencyRun(engine, mode, 1, stages)
+
+    result = LatencyResult({}, [run("torch", "off", 9.0, 12.0), run("onnxruntime", "off", 3.0, 5.0),
+                                run("onnxruntime", "adapter", 3.1, 5.1)])
+    lines = derived_ratios(result)
+    assert any("3.00x faster" in line for line in lines)
+    assert any(line.startswith("onnxruntime: `adapter` total p50 5.100 ms vs `off` 5.000 ms: +2.0%") for line in lines)
+
+
+def test_update_report_replaces_only_its_block(tmp_path):
+    report = tmp_path / "latency.md"
+    report.write_text(f"# Latency\n\nintro\n\n{REPORT_BEGIN}\nold table\n{REPORT_END}\n\n## Profile\nnotes\n")
+    update_report(report, "new table")
+    assert report.read_text() == f"# Latency\n\nintro\n\n{REPORT_BEGIN}\nnew table\n{REPORT_END}\n\n## Profile\nnotes\n"
+
+
+def test_update_report_creates_or_appends(tmp_path):
+    fresh = tmp_path / "new.md"
+    update_report(fresh, "table")
+    assert fresh.read_text() == f"# Latency\n\n{REPORT_BEGIN}\ntable\n{REPORT_END}\n"
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n")
+    update_report(notes, "table")
+    assert notes.read_text().startswith("# Notes\n\n" + REPORT_BEGIN)
