@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,3 +27,12 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, POST /generate needs 'Authorization: Bearer <key>'")
     max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies get 413")
     warmup: bool = Field(True, description="run one generation per mode before /readyz turns ready")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_means_none(cls, value):
+        # compose files pass `IRT_API_KEY: ${IRT_API_KEY:-}`: an empty key must mean "no key",
+        # not "the empty string is the key".
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
