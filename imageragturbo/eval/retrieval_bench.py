@@ -249,17 +249,27 @@ def run_worker(job: dict) -> dict:
 
 
 def _spawn_worker(job: dict, work: Path) -> dict:
+    """Run one searcher's worker process; a result already in ``work`` for the same job is
+    reused (so an interrupted run continues where it stopped)."""
     job_file = work / f"job-{job['searcher']}.json"
     out_file = work / f"result-{job['searcher']}.json"
+    if out_file.is_file():
+        previous = json.loads(out_file.read_text())
+        if previous.get("job") == job:
+            logger.info("reusing %s (same job)", out_file)
+            return previous
     job_file.write_text(json.dumps({**job, "out": str(out_file)}))
     # One thread for every library: BLAS, OpenMP (faiss), and ScaNN's own pool.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "imageragturbo.eval.retrieval_bench", "--worker", str(job_file)],
-        env=env, capture_output=True, text=True,
-    )
+    log_file = work / f"worker-{job['searcher']}.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "imageragturbo.eval.retrieval_bench", "--worker", str(job_file)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
     if proc.returncode != 0 or not out_file.is_file():
-        raise BenchError(f"{job['searcher']} worker failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+        tail = log_file.read_text()[-3000:]
+        raise BenchError(f"{job['searcher']} worker failed (exit {proc.returncode}); {log_file} ends: {tail}")
     return json.loads(out_file.read_text())
 
 
@@ -445,7 +455,9 @@ def machine() -> dict:
     }
 
 
-def run_bench(args: argparse.Namespace) -> dict:
+def run_bench(args: argparse.Namespace, on_progress=None) -> dict:
+    """The whole benchmark; ``on_progress(partial_result)`` is called after each searcher
+    (``complete`` False) so a long run leaves its results so far on disk."""
     if args.n < 100 or args.dim < 2 or args.queries < 1 or args.k < 1:
         raise BenchError(f"need n >= 100, dim >= 2, queries >= 1, k >= 1; got n={args.n}, dim={args.dim}, queries={args.queries}, k={args.k}")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -493,20 +505,54 @@ def run_bench(args: argparse.Namespace) -> dict:
     scann_params = {"ah_dims_per_block": args.scann_ah_dims, "reorder_dtype": args.scann_reorder_dtype, "spherical": not args.scann_generic_tree}
     if args.scann_leaves:
         scann_params["num_leaves"] = args.scann_leaves
-    ours = _spawn_worker({**job, "searcher": "scann", "params": scann_params, "index_dir": str(work / "idx-scann")}, work)
     results, skipped = [], []
+    gather = effect = None
+
+    def summary(complete: bool) -> dict:
+        fastest_peer = min((r["p50_ms"] for r in results if r["meets_target_recall"]), default=None)
+        info["loadavg_end"] = os.getloadavg()
+        return {
+            "complete": complete,
+            "n": args.n,
+            "dim": args.dim,
+            "queries": args.queries,
+            "k": args.k,
+            "target_recall": args.target_recall,
+            **{key: ours[key] for key in ("searcher", "build_s", "p50_ms", "p99_ms", "recall_at_10", "peak_rss_gb", "index_bytes")},
+            "params": ours["params"],
+            "search_params": ours["search_params"],
+            "data_rss_gb": ours["data_rss_gb"],
+            "meets_target_recall": ours["meets_target_recall"],
+            "sweep": ours["sweep"],
+            "fastest_peer_p50_ms": fastest_peer,
+            "no_slower_than_fastest_peer": None if fastest_peer is None else bool(ours["meets_target_recall"] and ours["p50_ms"] <= fastest_peer),
+            "peers": [{k: v for k, v in r.items() if k != "job"} for r in results],
+            "skipped_peers": skipped,
+            "exact_numpy_p50_ms": float(np.median(exact_ms)) if exact_ms else None,
+            "data": {"kind": "clustered gaussian, L2-normalised", "clusters": clusters, "spread": spread, "seed": 0},
+            "gather": gather,
+            "store_size": store_sizes(),
+            "quantisation_effect": effect,
+            "machine": info,
+            "command": "imageragturbo " + " ".join(sys.argv[1:]) if sys.argv and "imageragturbo" in sys.argv[0] else None,
+        }
+
+    ours = _spawn_worker({**job, "searcher": "scann", "params": scann_params, "index_dir": str(work / "idx-scann")}, work)
+    if on_progress:
+        on_progress(summary(False))
     for peer in peers:
         try:
             __import__(PEER_MODULES[peer])
         except ImportError:
             skipped.append({"searcher": peer, "reason": f"{PEER_MODULES[peer]} is not installed (pip install '.[bench]')"})
             continue
-        params = {"ef_construction": args.hnsw_ef_construction}
+        params = {"ef_construction": args.hnsw_ef_construction} if peer != "faiss-ivf" else {}
         results.append(_spawn_worker({**job, "searcher": peer, "params": params, "index_dir": str(work / f"idx-{peer}")}, work))
+        if on_progress:
+            on_progress(summary(False))
 
     # 3. the feature store
     gather = gather_timing(work, args.h_rows, k=4)
-    effect = None
     model_dir = args.model
     if model_dir is None:
         from imageragturbo.cli import BUNDLED_MODEL
@@ -514,45 +560,20 @@ def run_bench(args: argparse.Namespace) -> dict:
         model_dir = BUNDLED_MODEL if (BUNDLED_MODEL / "model_index.json").is_file() else None
     if model_dir is not None and args.effect_pairs > 0:
         effect = quantisation_effect(Path(model_dir), args.effect_pairs, args.effect_prompts)
-
-    fastest_peer = min((r["p50_ms"] for r in results if r["meets_target_recall"]), default=None)
-    info["loadavg_end"] = os.getloadavg()
-    return {
-        "n": args.n,
-        "dim": args.dim,
-        "queries": args.queries,
-        "k": args.k,
-        "target_recall": args.target_recall,
-        **{key: ours[key] for key in ("searcher", "build_s", "p50_ms", "p99_ms", "recall_at_10", "peak_rss_gb", "index_bytes")},
-        "params": ours["params"],
-        "search_params": ours["search_params"],
-        "data_rss_gb": ours["data_rss_gb"],
-        "meets_target_recall": ours["meets_target_recall"],
-        "sweep": ours["sweep"],
-        "fastest_peer_p50_ms": fastest_peer,
-        "no_slower_than_fastest_peer": None if fastest_peer is None else bool(ours["meets_target_recall"] and ours["p50_ms"] <= fastest_peer),
-        "peers": results,
-        "skipped_peers": skipped,
-        "exact_numpy_p50_ms": float(np.median(exact_ms)) if exact_ms else None,
-        "data": {"kind": "clustered gaussian, L2-normalised", "clusters": clusters, "spread": spread, "seed": 0},
-        "gather": gather,
-        "store_size": store_sizes(),
-        "quantisation_effect": effect,
-        "machine": info,
-        "command": "imageragturbo " + " ".join(sys.argv[1:]) if sys.argv and "imageragturbo" in sys.argv[0] else None,
-    }
+    return summary(True)
 
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def markdown_report(result: dict) -> str:
-    """results/retrieval.md from a result JSON."""
+def markdown_report(result: dict, variants: list[dict] = ()) -> str:
+    """results/retrieval.md from a result JSON (plus other ScaNN builds on the same data)."""
     rows = [result, *result["peers"]]
     lines = [
         "# Retrieval benchmark",
         "",
+        *([] if result.get("complete", True) else ["**Partial run**: the benchmark had not finished all searchers when this was written.", ""]),
         f"Produced by `{result.get('command') or 'imageragturbo bench retrieval'}` "
         "(`imageragturbo/eval/retrieval_bench.py`); numbers below are copied from its JSON.",
         "",
@@ -565,7 +586,7 @@ def markdown_report(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("training_threads", "mode"))
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("training_threads", "mode", "num_leaves_to_search"))
         search = ", ".join(f"{k}={v}" for k, v in r["search_params"].items())
         lines.append(
             f"| {r['searcher']} | {params} | {search} | {r['build_s']:.0f} s | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms "
@@ -597,12 +618,30 @@ def markdown_report(result: dict) -> str:
     ]
     for s in result["sweep"]:
         lines.append(f"| {s['leaves_to_search']} | {s['reorder']} | {s['p50_ms']:.3f} ms | {s['p99_ms']:.3f} ms | {s['recall_at_10']:.4f} |")
+    if variants:
+        lines += [
+            "",
+            "## Other ScaNN builds on the same data (separate runs)",
+            "",
+            "| build params | best search params | build | p50 | p99 | recall@10 | peak RSS | index on disk | command |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for v in variants:
+            params = ", ".join(f"{k}={x}" for k, x in v["params"].items() if k not in ("training_threads", "mode", "num_leaves_to_search"))
+            search = ", ".join(f"{k}={x}" for k, x in v["search_params"].items())
+            lines.append(
+                f"| {params} | {search} | {v['build_s']:.0f} s | {v['p50_ms']:.3f} ms | {v['p99_ms']:.3f} ms | {v['recall_at_10']:.4f} "
+                f"| {v['peak_rss_gb']:.2f} GiB | {_fmt_bytes(v['index_bytes'])} | `{v.get('command')}` |"
+            )
     g, size = result["gather"], result["store_size"]
+    if g is None:
+        lines += ["", "(The H-feature store measurements had not run yet when this report was written.)"]
+        g = {"k": 4, "row_shape": list(SD_H_SHAPE), "row_bytes": int(np.prod(SD_H_SHAPE)) * 2}
     lines += [
         "",
         "## H-feature store",
         "",
-        f"Gather of k = {g['k']} SD-sized H-features ({'x'.join(map(str, g['row_shape']))} fp16, {g['row_bytes'] / 1024:.0f} KiB each) "
+        "" if "cold_p50_ms" not in g else f"Gather of k = {g['k']} SD-sized H-features ({'x'.join(map(str, g['row_shape']))} fp16, {g['row_bytes'] / 1024:.0f} KiB each) "
         f"from a memory-mapped file of {g['rows_in_file']} rows: p50 {g['cold_p50_ms']:.3f} ms with the file's page cache "
         f"dropped before each gather (p99 {g['cold_p99_ms']:.3f} ms), {g['warm_p50_ms']:.3f} ms warm (p99 {g['warm_p99_ms']:.3f} ms).",
         "",
@@ -649,16 +688,30 @@ def markdown_report(result: dict) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = run_bench(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    variants = []
+    for path in args.variant:
+        try:
+            variants.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchError(f"cannot read --variant {path}: {exc}") from exc
+    if args.render_only:
+        if not args.markdown:
+            raise BenchError("--render-only needs --markdown")
+        try:
+            result = json.loads(args.json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchError(f"cannot read --json {args.json}: {exc}") from exc
+    else:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = run_bench(args, on_progress=lambda partial: args.json.write_text(json.dumps(partial, indent=2)))
+        args.json.write_text(json.dumps(result, indent=2))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_report(result))
+        args.markdown.write_text(markdown_report(result, variants))
     print(
         f"{result['searcher']}: p50 {result['p50_ms']:.3f} ms, recall@10 {result['recall_at_10']:.4f}; "
         + "; ".join(f"{p['searcher']}: p50 {p['p50_ms']:.3f} ms, recall@10 {p['recall_at_10']:.4f}" for p in result["peers"])
-        + f"; wrote {args.json}",
+        + f"; wrote {args.markdown if args.render_only else args.json}",
         file=sys.stderr,
     )
     return 0
@@ -670,4 +723,5 @@ if __name__ == "__main__":
         sys.exit("usage: python -m imageragturbo.eval.retrieval_bench --worker JOB.json (use `imageragturbo bench retrieval`)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(sys.argv[2]).read_text())
-    Path(job["out"]).write_text(json.dumps(run_worker(job)))
+    out = Path(job.pop("out"))
+    out.write_text(json.dumps({**run_worker(job), "job": job}))
