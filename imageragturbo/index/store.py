@@ -19,8 +19,10 @@ class InMemoryFeatureStore:
         captions: list[str],
         model_id: str,
         source_ids: list[str] | None = None,
+        z0: np.ndarray | None = None,
     ):
-        """text_emb float [N, Dq] (L2-normalised); h_retr float [N, C, h, w]; N captions."""
+        """text_emb float [N, Dq] (L2-normalised); h_retr float [N, C, h, w]; N captions;
+        optionally the images' latents z0 float [N, c, h, w] (training reads them)."""
         n = len(captions)
         if text_emb.shape[0] != n or h_retr.shape[0] != n:
             raise ValueError(
@@ -31,6 +33,7 @@ class InMemoryFeatureStore:
         self._captions = list(captions)
         self._source_ids = list(source_ids) if source_ids is not None else [str(i) for i in range(n)]
         self.model_id = model_id
+        self.z0 = z0
 
     def __len__(self) -> int:
         return len(self._captions)
@@ -40,6 +43,11 @@ class InMemoryFeatureStore:
 
     def h_features(self, ids: np.ndarray) -> np.ndarray:
         return self.h_retr[ids]
+
+    def latents(self, ids: np.ndarray) -> np.ndarray:
+        if self.z0 is None:
+            raise ValueError("this in-memory store was built without latents (z0)")
+        return self.z0[ids]
 
     def captions(self, ids: np.ndarray) -> list[list[str]]:
         return [[self._captions[i] for i in row] for row in np.asarray(ids)]

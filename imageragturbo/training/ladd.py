@@ -1,0 +1,570 @@
+"""Latent adversarial distillation (paper sec. 3.3-3.4, eq. 6-10), in one file that reads top to bottom.
+
+Two runs share this loop:
+
+- ``student``: distil the multi-step teacher into a one-step UNet (every UNet weight trains):
+  our stand-in for SD-Turbo.
+- ``adapter``: the one-step student is frozen; only the H-space adapter and a LoRA on the UNet
+  decoder's attention train (the paper's method).
+
+Per iteration:
+1. a batch of (prompt, noise, target z0): synthetic pairs (the teacher's multi-step CFG samples
+   from that very noise, cached once) mixed with real pairs (encoded renders / database rows);
+2. (adapter) each prompt retrieves k neighbours from the *training* database, excluding the
+   pair itself, so the adapter learns to use related content rather than copy its target;
+3. the student predicts x0 in one pass at a timestep of its few-step schedule;
+4. D step: the frozen teacher encoder's multi-stage features of noisy real and fake latents
+   (z_s = a_s z0 + s_s eps, s uniform over all N timesteps, DiffusionGAN-style) go through small
+   spectrally normalised heads conditioned on the prompt embedding and the noise level; hinge
+   loss (eq. 6);
+5. G step: L = L_adv (eq. 7) + alpha * smooth-L1 distillation to the teacher's z0 (eq. 8, synthetic
+   pairs only: real pairs have no teacher target for their noise) + beta * latent perceptual
+   loss (eq. 9) under random differentiable augmentations.
+
+The paper's perceptual network F is VGG16 on pixels; there are no pixel-space weights here, so
+F is the frozen teacher UNet encoder's multi-stage features of the clean latent (t = 0, empty
+caption), unit-normalised per position like LPIPS. ``accelerate`` handles devices, mixed
+precision and multi-GPU/multi-node, so the paper's 64-GPU run is a config change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from imageragturbo.index.searchers import ExactSearcher
+from imageragturbo.index.store import InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
+from imageragturbo.model.denoiser import RagDenoiser
+from imageragturbo.model.loading import ModelComponents, load_model, load_teacher_unet
+from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
+from imageragturbo.model.sampling import sample_multistep
+from imageragturbo.model.schedule import NoiseSchedule
+from imageragturbo.model.text import PromptEncoder
+from imageragturbo.model.unet_split import SplitUNet
+from imageragturbo.training.pretrain_checkpoints import config_from_json, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+LORA_TARGETS = r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+@dataclass(frozen=True)
+class LaddConfig:
+    mode: str = "adapter"
+    """``student`` (all UNet weights train, initialised from the teacher) or ``adapter``."""
+    model_dir: str = "models/shapes-v1"
+    """Tokenizer, text encoder, VAE, scheduler (and, for ``adapter``, the frozen student UNet)."""
+    teacher_unet: str = "auto"
+    """A UNet folder, or ``auto``: the model's ``teacher/`` if it has one, else its ``unet/``
+    (a model that is still only its teacher)."""
+    prompts: str = "world:train"
+    """``world:train`` (shapes-world train captions) or a text file with one prompt per line."""
+    database: str = "world:4096"
+    """Real pairs and the retrieval database: ``world:N`` (N train-split renders, encoded here)
+    or an index folder built by ``build-index`` with this model (its z0, text embeddings and
+    H-features are gathered per batch from the memory-mapped store)."""
+    synthetic_pairs: int = 4096
+    teacher_steps: int = 25
+    cfg_scale: float = 7.5
+    real_fraction: float = 0.25
+    steps: int = 2000
+    batch_size: int = 64
+    """Global batch; ``micro_batch_size`` x gradient accumulation x processes."""
+    micro_batch_size: int = 64
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    adam_betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    alpha: float = 2.5
+    beta: float = 1.0
+    k: int = 4
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
+    p_first_timestep: float = 0.5
+    """Share of iterations at t = T (pure noise); the rest are spread over the other few-step levels."""
+    lora_rank: int = 8
+    adapter_heads: int = 8
+    adapter_layers: int = 1
+    adapter_ff_mult: int = 0
+    disc_channels: int = 64
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_threads: int = 2
+    checkpoint_every_s: float = 180.0
+    eval_every: int = 250
+    eval_prompts: int = 64
+    """Verifier score on this many shapes-world test-seen prompts during training (0: none)."""
+
+
+def load_config(path: str | Path | None = None, **overrides) -> LaddConfig:
+    return config_from_json(LaddConfig, path, **overrides)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """Synthetic pairs (noise -> teacher z0) and the real pairs' database (retrieval + D's reals)."""
+
+    syn_captions: list[str]
+    syn_noise: torch.Tensor  # float32 [N, c, h, w]
+    syn_z0: torch.Tensor  # float32 [N, c, h, w]: the teacher's CFG sample from syn_noise
+    real: RetrievalDatabase  # store rows: z0, L2-normalised text embedding, H at t = 0, caption
+
+
+def _train_prompts(config: LaddConfig, n: int) -> list[str]:
+    if config.prompts == "world:train":
+        from imageragturbo.world.splits import world_pairs
+
+        return [caption for _, caption, _ in world_pairs("train", n, seed=config.seed + 1)]
+    lines = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts file {config.prompts} holds no prompt")
+    rng = np.random.default_rng(config.seed)
+    return [lines[i] for i in rng.integers(0, len(lines), size=n)]
+
+
+def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> RetrievalDatabase:
+    kind, _, count = config.database.partition(":")
+    if kind != "world":
+        from imageragturbo.index.disk import load_database
+
+        return load_database("train", config.database, model_id=pipe.components.model_id)
+    if not count.isdigit():
+        raise ValueError(f"database must be 'world:N' or an index folder, got {config.database!r}")
+    from imageragturbo.world.splits import world_arrays
+
+    # The train split never holds a purple triangle or a yellow square: the held-out
+    # compositions reach the adapter only through retrieval at test time.
+    images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2)
+    z0, e, h = [], [], []
+    for start in range(0, len(captions), 256):
+        z0.append(pipe.encode_images(images[start : start + 256]))
+        e_chunk, h_chunk = pipe.encode_database_rows(z0[-1], captions[start : start + 256])
+        e.append(e_chunk)
+        h.append(h_chunk)
+    e_all = torch.cat(e).numpy()
+    store = InMemoryFeatureStore(
+        e_all, torch.cat(h).numpy(), captions, pipe.components.model_id, z0=torch.cat(z0).numpy()
+    )
+    return RetrievalDatabase("train", ExactSearcher(e_all), store)
+
+
+def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: Path) -> TrainingData:
+    """Build (or read back) the synthetic cache and encode the real pairs."""
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    latent_shape = (parts.unet.config.in_channels, *_latent_hw(parts.unet))
+    cache = out_dir / "synthetic.safetensors"
+    if cache.is_file():
+        tensors = load_file(str(cache))
+        syn_captions = json.loads((out_dir / "synthetic_captions.json").read_text())
+        syn_noise, syn_z0 = tensors["noise"], tensors["z0"]
+        logger.info("read %d cached synthetic pairs from %s", len(syn_captions), cache)
+    else:
+        syn_captions = _train_prompts(config, config.synthetic_pairs)
+        gen = torch.Generator().manual_seed(config.seed + 3)
+        syn_noise = torch.randn(len(syn_captions), *latent_shape, generator=gen)
+        ctx_uncond = encoder([""]).ctx
+        chunks = []
+        for start in tqdm(range(0, len(syn_captions), 256), desc="teacher samples", unit="batch"):
+            ctx = encoder(syn_captions[start : start + 256]).ctx
+            noise = syn_noise[start : start + 256]
+            chunks.append(
+                sample_multistep(teacher, parts.scheduler.config, ctx, ctx_uncond, noise, config.teacher_steps, config.cfg_scale)
+            )
+        syn_z0 = torch.cat(chunks).float()
+        # Written to a temporary name and renamed: a killed run never leaves a half cache.
+        tmp = out_dir / "synthetic.tmp.safetensors"
+        save_file({"noise": syn_noise.contiguous(), "z0": syn_z0.contiguous()}, str(tmp))
+        (out_dir / "synthetic_captions.json").write_text(json.dumps(syn_captions))
+        os.replace(tmp, cache)
+
+    return TrainingData(syn_captions, syn_noise, syn_z0, _real_database(config, RagTurboPipeline(parts)))
+
+
+def _latent_hw(unet) -> tuple[int, int]:
+    size = unet.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# -- discriminator and perceptual features ---------------------------------------------------
+
+
+class DiscriminatorHead(torch.nn.Module):
+    """Spectrally normalised conv head on one encoder stage; a projection term conditions the
+    per-location logits on the prompt embedding and the noise level."""
+
+    def __init__(self, in_channels: int, cond_dim: int, channels: int):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        self.conv = sn(torch.nn.Conv2d(in_channels, channels, 3, padding=1))
+        self.act = torch.nn.LeakyReLU(0.2)
+        self.out = sn(torch.nn.Conv2d(channels, 1, 1))
+        self.cond = sn(torch.nn.Linear(cond_dim, channels))
+        self.scale = channels**-0.5
+
+    def forward(self, feature: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """feature [B, C_k, h, w], cond [B, cond_dim] -> logits [B, h*w]."""
+        x = self.act(self.conv(feature))
+        projection = (x * self.cond(cond)[:, :, None, None]).sum(1, keepdim=True) * self.scale
+        return (self.out(x) + projection).flatten(1)
+
+
+class DiscriminatorHeads(torch.nn.Module):
+    """The trainable part of the discriminator: one head per encoder stage."""
+
+    T_DIM = 64
+
+    def __init__(self, stage_channels: list[int], text_dim: int, channels: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(DiscriminatorHead(c, text_dim + self.T_DIM, channels) for c in stage_channels)
+
+    def forward(self, stages: tuple[torch.Tensor, ...], q: torch.Tensor, s: torch.Tensor) -> list[torch.Tensor]:
+        t_emb = get_timestep_embedding(s.float(), self.T_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+        cond = torch.cat([q, t_emb.to(q.dtype)], dim=1)
+        return [head(feature, cond) for head, feature in zip(self.heads, stages)]
+
+
+class LatentDiscriminator:
+    """D(z_s, s, text) = trainable heads over the frozen teacher encoder's stages (down blocks + mid).
+
+    Not a Module on purpose: the heads are prepared by accelerate (and may be wrapped for
+    multi-GPU), the teacher is frozen and shared with the perceptual loss."""
+
+    def __init__(self, teacher_split: SplitUNet, heads: torch.nn.Module):
+        self.teacher = teacher_split  # frozen; gradients still flow through it to the student
+        self.heads = heads
+
+    @staticmethod
+    def stage_channels(unet) -> list[int]:
+        return list(unet.config.block_out_channels) + [unet.config.block_out_channels[-1]]
+
+    def __call__(self, z_s: torch.Tensor, s: torch.Tensor, ctx: torch.Tensor, q: torch.Tensor) -> list[torch.Tensor]:
+        """-> one logits tensor [B, h_k*w_k] per stage."""
+        return self.heads(self.teacher.encode(z_s, s, ctx).stages, q, s)
+
+
+def augment_pair(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random flip, translation and cutout applied to both latents [B, c, h, w]."""
+    bsz, _, h, w = a.shape
+    flip = torch.rand(bsz, generator=gen) < 0.5
+    a = torch.where(flip[:, None, None, None], a.flip(-1), a)
+    b = torch.where(flip[:, None, None, None], b.flip(-1), b)
+    shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    a, b = a.roll(shift, dims=(-2, -1)), b.roll(shift, dims=(-2, -1))
+    size = max(1, h // 4)
+    y, x = torch.randint(0, h - size + 1, (1,), generator=gen).item(), torch.randint(0, w - size + 1, (1,), generator=gen).item()
+    mask = torch.ones(1, 1, h, w, dtype=a.dtype, device=a.device)
+    mask[..., y : y + size, x : x + size] = 0
+    return a * mask, b * mask
+
+
+def latent_perceptual_loss(teacher_split: SplitUNet, ctx_uncond: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 with F = the frozen teacher encoder's stages at t = 0, unit-normalised per position."""
+    t0 = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    ctx = ctx_uncond.expand(x.shape[0], -1, -1)
+    fx = teacher_split.encode(x, t0, ctx).stages
+    with torch.no_grad():
+        fy = teacher_split.encode(y, t0, ctx).stages
+    loss = x.new_zeros(())
+    for a, b in zip(fx, fy):
+        loss = loss + (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1).mean()
+    return loss
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def _save_checkpoint(out_dir: Path, step: int, config: LaddConfig, generator, heads, opt_g, opt_d, elapsed_s: float) -> None:
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu().contiguous() for n, p in generator.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "generator_trainable.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / "disc_heads.safetensors"))
+    torch.save({"g": opt_g.state_dict(), "d": opt_d.state_dict()}, tmp / "optimizers.pt")
+    (tmp / "config.json").write_text(json.dumps({"config": config_to_dict(config), "step": step}, indent=2))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step_*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+
+
+def _load_checkpoint(path: Path, generator, heads, opt_g, opt_d) -> dict:
+    trainable = load_file(str(path / "generator_trainable.safetensors"))
+    missing = generator.load_state_dict(trainable, strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"checkpoint {path} has parameters this run does not train: {missing.unexpected_keys[:5]}")
+    heads.load_state_dict(load_file(str(path / "disc_heads.safetensors")))
+    optimizers = torch.load(path / "optimizers.pt", weights_only=True)
+    opt_g.load_state_dict(optimizers["g"])
+    opt_d.load_state_dict(optimizers["d"])
+    return json.loads((path / "state.json").read_text())
+
+
+def build_generator(config: LaddConfig, parts: ModelComponents, teacher: UNet2DConditionModel) -> RagDenoiser:
+    """The one-step denoiser being trained: all of a teacher-initialised UNet (student mode), or
+    the adapter + a decoder-attention LoRA on the frozen student (adapter mode). Its forward is
+    the serving graph's, so training and serving run the same code."""
+    if config.mode == "student":
+        unet = copy.deepcopy(teacher).requires_grad_(True).train()
+        return RagDenoiser(unet, None, "off")
+    from peft import LoraConfig
+
+    unet = parts.unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=LORA_TARGETS))
+    adapter = HSpaceAdapter(
+        channels=unet.config.block_out_channels[-1],
+        num_heads=config.adapter_heads,
+        num_layers=config.adapter_layers,
+        ff_mult=config.adapter_ff_mult,
+    )
+    return RagDenoiser(unet, adapter, "adapter")
+
+
+def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
+    """Train, checkpointing every ``checkpoint_every_s``; export the result to ``out_dir/export``."""
+    from accelerate import Accelerator
+
+    if config.mode not in ("student", "adapter"):
+        raise ValueError(f"mode must be 'student' or 'adapter', got {config.mode!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=max(1, config.batch_size // (config.micro_batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1"))))),
+        cpu=not torch.cuda.is_available(),
+    )
+    device = accelerator.device
+
+    # 1. models: frozen text encoder, VAE and teacher; the student side per mode
+    parts = load_model(config.model_dir, adapter_dir=None)
+    if config.teacher_unet == "auto":
+        teacher = load_teacher_unet(config.model_dir)
+    else:
+        teacher = UNet2DConditionModel.from_pretrained(config.teacher_unet, local_files_only=True, use_safetensors=True)
+    teacher = teacher.float().to(device).eval().requires_grad_(False)
+    schedule = NoiseSchedule.from_scheduler(parts.scheduler)
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    data = prepare_data(config, parts, teacher, out_dir)
+    generator = build_generator(config, parts, teacher).to(device)
+    teacher_split = SplitUNet(teacher)
+    text_dim = encoder([""]).q.shape[1]
+    heads = DiscriminatorHeads(LatentDiscriminator.stage_channels(teacher), text_dim, config.disc_channels).to(device)
+    g_params = [p for p in generator.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(g_params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    opt_d = torch.optim.AdamW(heads.parameters(), lr=config.disc_lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    generator, heads, opt_g, opt_d = accelerator.prepare(generator, heads, opt_g, opt_d)
+    disc = LatentDiscriminator(teacher_split, heads)
+    store, searcher = data.real.store, data.real.searcher
+    ctx_uncond = encoder([""]).ctx.clone().to(device)
+    logger.info(
+        "ladd %s: %d trainable generator parameters, %d discriminator-head parameters",
+        config.mode, sum(p.numel() for p in g_params), sum(p.numel() for p in heads.parameters()),
+    )
+
+    step, elapsed_s = 0, 0.0
+    checkpoints = sorted((out_dir / "checkpoints").glob("step_*"))
+    if resume and checkpoints:
+        state = _load_checkpoint(checkpoints[-1], accelerator.unwrap_model(generator), heads, opt_g, opt_d)
+        step, elapsed_s = state["step"], state["elapsed_s"]
+        logger.info("resumed from %s at step %d", checkpoints[-1], step)
+    gen = torch.Generator().manual_seed(config.seed * 1000 + step)
+    n_real = round(config.micro_batch_size * config.real_fraction)
+    n_syn = config.micro_batch_size - n_real
+    history = []
+    last_checkpoint = time.monotonic()
+    start = time.monotonic() - elapsed_s
+    bar = tqdm(total=config.steps, initial=step, desc=f"ladd {config.mode}", unit="step")
+    while step < config.steps:
+        # 1. batch: synthetic (noise, teacher z0) pairs and real pairs with fresh noise
+        syn_idx = torch.randint(0, len(data.syn_captions), (n_syn,), generator=gen)
+        real_idx = torch.randint(0, len(store), (1, n_real), generator=gen).numpy()
+        captions = [data.syn_captions[i] for i in syn_idx] + store.captions(real_idx)[0]
+        real_z0 = torch.from_numpy(np.asarray(store.latents(real_idx)[0], dtype=np.float32))
+        z0 = torch.cat([data.syn_z0[syn_idx], real_z0]).to(device)
+        noise = torch.cat([data.syn_noise[syn_idx], torch.randn(n_real, *z0.shape[1:], generator=gen)]).to(device)
+        is_syn = torch.arange(len(captions), device=device) < n_syn
+        encoded = encoder(captions)
+        # clone(): the encoder runs in inference mode, and autograd may not save inference tensors.
+        ctx, q = encoded.ctx.clone().to(device), encoded.q.clone().to(device)
+
+        # 2. the student's timestep: t = T from pure noise, or a lower few-step level from z0
+        first = torch.rand(len(captions), generator=gen) < config.p_first_timestep
+        lower = torch.tensor(config.student_timesteps[1:] or config.student_timesteps[:1])
+        t = torch.where(first, config.student_timesteps[0], lower[torch.randint(0, len(lower), (len(captions),), generator=gen)])
+        t = t.to(device)
+        renoise = torch.randn(z0.shape, generator=gen).to(device)
+        z_t = torch.where(first.to(device)[:, None, None, None], noise, schedule.add_noise(z0, renoise, t))
+
+        # 3. retrieval from the training database, excluding the pair itself
+        with accelerator.accumulate(generator):
+            h_retr = lam = None
+            if config.mode == "adapter":
+                ids, _ = searcher.search(q.cpu().numpy(), config.k + 1)
+                own = np.full(len(captions), -1)
+                own[n_syn:] = real_idx[0]
+                keep = np.stack([row[row != self_id][: config.k] for row, self_id in zip(ids, own)])
+                h_retr = torch.from_numpy(np.asarray(store.h_features(keep), dtype=np.float32)).to(device)
+                lam = retrieval_gate(q, torch.from_numpy(np.asarray(store.text_embeddings(keep), dtype=np.float32)).to(device))
+            x0_hat = schedule.predict_x0(generator(z_t, t, ctx, h_retr, lam), z_t, t)
+
+            # 4. discriminator step on noisy real vs fake latents, s uniform over all timesteps
+            s = torch.randint(0, schedule.num_train_timesteps, (len(captions),), generator=gen).to(device)
+            eps_s = torch.randn(z0.shape, generator=gen).to(device)
+            real_logits = disc(schedule.add_noise(z0, eps_s, s), s, ctx, q)
+            fake_logits = disc(schedule.add_noise(x0_hat.detach(), eps_s, s), s, ctx, q)
+            loss_d = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits))
+            opt_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_d)
+            opt_d.step()
+
+            # 5. generator step: adversarial + alpha * distillation + beta * latent perceptual
+            heads.requires_grad_(False)
+            loss_adv = -sum(f.mean() for f in disc(schedule.add_noise(x0_hat, eps_s, s), s, ctx, q))
+            heads.requires_grad_(True)
+            if bool(is_syn.any()):
+                loss_distill = F.smooth_l1_loss(x0_hat[is_syn], z0[is_syn], beta=1.0)
+                aug_fake, aug_real = augment_pair(x0_hat[is_syn], z0[is_syn], gen)
+                loss_lpips = latent_perceptual_loss(teacher_split, ctx_uncond, aug_fake, aug_real)
+            else:
+                loss_distill = loss_lpips = x0_hat.new_zeros(())
+            loss_g = loss_adv + config.alpha * loss_distill + config.beta * loss_lpips
+            opt_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_g)
+            opt_g.step()
+
+        step += 1
+        losses = {
+            "d": loss_d.item(), "adv": loss_adv.item(), "distill": loss_distill.item(), "lpips": loss_lpips.item(),
+        }
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        record = {"step": step, **losses}
+        if config.eval_prompts and (step % config.eval_every == 0 or step == config.steps):
+            record["verifier_test_seen"] = evaluate(config, parts, accelerator.unwrap_model(generator), schedule, encoder, data)
+            logger.info("step %d: verifier %.3f", step, record["verifier_test_seen"])
+        history.append(record)
+        if time.monotonic() - last_checkpoint > config.checkpoint_every_s or step == config.steps:
+            with (out_dir / "history.jsonl").open("a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in history)
+            history = []
+            _save_checkpoint(out_dir, step, config, accelerator.unwrap_model(generator), heads, opt_g, opt_d, time.monotonic() - start)
+            last_checkpoint = time.monotonic()
+    bar.close()
+    return export(config, parts, teacher, accelerator.unwrap_model(generator), out_dir / "export", time.monotonic() - start)
+
+
+@torch.no_grad()
+def evaluate(config, parts, generator: RagDenoiser, schedule, encoder, data: TrainingData) -> float:
+    """One-step verifier score on shapes-world test-seen prompts (retrieving from the training database)."""
+    from imageragturbo.world.splits import eval_prompts
+    from imageragturbo.world.verifier import verify_batch
+
+    prompts = eval_prompts("test-seen", config.eval_prompts)
+    captions = [p for p, _ in prompts]
+    device = next(generator.parameters()).device
+    noise = torch.stack([torch.randn(data.syn_noise.shape[1:], generator=torch.Generator().manual_seed(s)) for _, s in prompts])
+    noise = noise.to(device)
+    encoded = encoder(captions)
+    t = torch.full((len(captions),), config.student_timesteps[0], device=device)
+    h_retr = lam = None
+    if generator.mode == "adapter":
+        ids, _ = data.real.searcher.search(encoded.q.cpu().numpy(), config.k)
+        h_retr = torch.from_numpy(np.asarray(data.real.store.h_features(ids), dtype=np.float32)).to(device)
+        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(data.real.store.text_embeddings(ids), dtype=np.float32)).to(device))
+    was_training = generator.training
+    generator.eval()
+    x0 = schedule.predict_x0(generator(noise, t, encoded.ctx, h_retr, lam), noise, t)
+    generator.train(was_training)
+    pixels = decode_latents(parts.vae, x0)
+    images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return verify_batch(list(images), captions).mean_score
+
+
+def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: Path, wall_s: float) -> Path:
+    """Write a complete model directory: the source model's parts plus what this run trained."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(parts.model_dir, tmp, ignore=shutil.ignore_patterns("adapter", "unet_lora", "index", "README.md"))
+    unet = generator.split.unet
+    if config.mode == "student":
+        shutil.rmtree(tmp / "unet", ignore_errors=True)
+        copy.deepcopy(unet).half().save_pretrained(tmp / "unet", safe_serialization=True)
+        shutil.rmtree(tmp / "teacher", ignore_errors=True)
+        copy.deepcopy(teacher).half().save_pretrained(tmp / "teacher", safe_serialization=True)
+    else:
+        unet.save_lora_adapter(tmp / "unet_lora")
+        copy.deepcopy(generator.adapter).half().save_pretrained(tmp / "adapter", safe_serialization=True)
+    (tmp / f"ladd_{config.mode}.json").write_text(
+        json.dumps({"config": config_to_dict(config), "wall_s": round(wall_s, 1)}, indent=2)
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    logger.info("exported %s run to %s", config.mode, out)
+    return out
+
+
+INSTALLED_PARTS = {"student": ("unet", "teacher"), "adapter": ("adapter", "unet_lora")}
+
+
+def install(export_dir: Path, model_dir: Path, mode: str) -> None:
+    """Put what a run trained into ``model_dir``: the student's ``unet/`` and ``teacher/``, or
+    the ``adapter/`` and ``unet_lora/``. Each part is copied beside its target and renamed over
+    it, so an interrupted install leaves every part either old or new, never half-written.
+    A new student changes the UNet encoder, so an ``index/`` built with the old one is refused
+    at load (by model identity) until it is rebuilt."""
+    for part in INSTALLED_PARTS[mode]:
+        staged = model_dir / f".{part}.new"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(export_dir / part, staged)
+        old = model_dir / f".{part}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (model_dir / part).exists():
+            (model_dir / part).rename(old)
+        staged.rename(model_dir / part)
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("installed %s into %s", ", ".join(INSTALLED_PARTS[mode]), model_dir)
+
+
+def main(
+    config_path: str | Path | None,
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    resume: bool = False,
+    install_into: str | Path | None = None,
+    **overrides,
+) -> Path:
+    config = load_config(config_path, steps=steps, **overrides)
+    export_dir = run(config, out_dir, resume=resume)
+    if install_into is not None:
+        install(export_dir, Path(install_into), config.mode)
+    return export_dir
+
+

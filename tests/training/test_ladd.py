@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+from tiny_models import build_tiny_model_dir
+
+from imageragturbo.model import RagTurboPipeline, load_model
+from imageragturbo.model.loading import load_teacher_unet
+from imageragturbo.training import ladd
+
+
+@pytest.fixture(scope="module")
+def world_like_model(tmp_path_factory):
+    # 32x32 world renders -> 16x16 latents with the tiny two-block VAE.
+    return build_tiny_model_dir(tmp_path_factory.mktemp("ladd_model"), unet="sd_like", sample_size=16,
+                                prediction_type="v_prediction")
+
+
+def _config(model_dir, mode, **overrides):
+    values = dict(
+        mode=mode, model_dir=str(model_dir), teacher_unet="auto", database="world:24",
+        synthetic_pairs=8, teacher_steps=2, steps=2, batch_size=6, micro_batch_size=6, k=2, lora_rank=2,
+        adapter_heads=4, disc_channels=8, num_threads=1, eval_prompts=4, eval_every=2, checkpoint_every_s=0,
+    )
+    values.update(overrides)
+    return ladd.load_config(None, **values)
+
+
+def test_adapter_run_trains_only_adapter_and_lora_and_exports_a_loadable_model(world_like_model, tmp_path):
+    out = ladd.run(_config(world_like_model, "adapter"), tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor([h["d"], h["adv"], h["distill"], h["lpips"]])).all() for h in history)
+    assert 0.0 <= history[-1]["verifier_test_seen"] <= 1.0
+    assert (out / "adapter" / "config.json").is_file() and (out / "unet_lora").is_dir()
+    # The exported directory loads through the Foundation loader (LoRA fused, adapter attached).
+    parts = load_model(out)
+    assert parts.adapter is not None
+    base = load_model(world_like_model)
+    changed = [n for n, p in parts.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])]
+    assert changed and all("up_blocks" in n and "attn" in n for n in changed), "only decoder attention may change"
+    assert parts.model_id == base.model_id  # the encoder is untouched: an index stays valid
+
+
+def test_resume_continues_from_the_checkpoint(world_like_model, tmp_path):
+    ladd.run(_config(world_like_model, "adapter", steps=1), tmp_path / "run")
+    ladd.run(_config(world_like_model, "adapter", steps=2), tmp_path / "run", resume=True)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2]
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())["step"] == 2
+
+
+def test_student_run_changes_the_unet_and_keeps_the_teacher(world_like_model, tmp_path):
+    out = ladd.run(_config(world_like_model, "student", eval_prompts=0), tmp_path / "run")
+    student = load_model(out).unet
+    teacher = load_model(world_like_model).unet
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters()))
+    assert (out / "teacher" / "config.json").is_file()
+
+
+def _one_step_grads(model_dir, mode):
+    """Run the loop's pieces for one iteration and report which parameters got gradients."""
+    config = _config(model_dir, mode)
+    parts = load_model(model_dir)
+    teacher = load_model(model_dir).unet.float().requires_grad_(False)
+    generator = ladd.build_generator(config, parts, teacher)
+    split = ladd.SplitUNet(teacher)
+    heads = ladd.DiscriminatorHeads(ladd.LatentDiscriminator.stage_channels(teacher), 32, 8)
+    disc = ladd.LatentDiscriminator(split, heads)
+    pipe = RagTurboPipeline(parts)
+    z0 = torch.randn(2, 4, 16, 16)
+    encoded = pipe.encoder(["a red circle", "two blue squares"])
+    enc = type(encoded)(ctx=encoded.ctx.clone(), q=encoded.q.clone())
+    e, h = pipe.encode_database_rows(z0, ["a red circle", "two blue squares"])
+    h = h.clone()
+    h_retr, lam = (h[:, None], torch.ones(2)) if mode == "adapter" else (None, None)
+    t = torch.tensor([999, 499])
+    x0_hat = pipe.schedule.predict_x0(generator(torch.randn_like(z0), t, enc.ctx, h_retr, lam), z0, t)
+    loss_d = sum(torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+                 for r, f in zip(disc(z0, t, enc.ctx, enc.q), disc(x0_hat.detach(), t, enc.ctx, enc.q)))
+    loss_d.backward()
+    d_step = {n for n, p in generator.named_parameters() if p.grad is not None}
+    heads_d = all(p.grad is not None for p in heads.parameters())
+    heads.zero_grad(set_to_none=True)
+    heads.requires_grad_(False)
+    loss_g = -sum(f.mean() for f in disc(x0_hat, t, enc.ctx, enc.q)) + ladd.latent_perceptual_loss(split, enc.ctx[:1], x0_hat, z0)
+    loss_g.backward()
+    g_step = {n for n, p in generator.named_parameters() if p.grad is not None}
+    assert all(p.grad is None for p in teacher.parameters())
+    return d_step, heads_d, g_step, dict(generator.named_parameters())
+
+
+def test_gradients_reach_only_the_intended_parameters(world_like_model):
+    d_step, heads_d, g_step, params = _one_step_grads(world_like_model, "adapter")
+    assert not d_step and heads_d, "D's step must touch only the discriminator heads"
+    assert g_step and all(("lora_" in n) or n.startswith("adapter.") for n in g_step)
+    assert any(n.startswith("adapter.") for n in g_step) and any("lora_" in n for n in g_step)
+    d_step, heads_d, g_step, params = _one_step_grads(world_like_model, "student")
+    assert not d_step and heads_d
+    assert g_step == {n for n, p in params.items() if p.requires_grad} and len(g_step) > 50
+
+
+def test_discriminator_heads_are_spectrally_normalised():
+    head = ladd.DiscriminatorHead(16, 8, 4)
+    names = {n for n, _ in head.named_parameters()}
+    assert any("parametrizations.weight.original" in n for n in names)
+    sn_modules = [m for m in head.modules() if hasattr(m, "parametrizations")]
+    assert len(sn_modules) == 3
+
+
+def test_sd_turbo_config_runs_one_step_with_tiny_models_of_the_same_layout(world_like_model, tmp_path):
+    config = ladd.load_config(ladd.CONFIG_DIR / "ladd_adapter_sdturbo.json")
+    assert (config.batch_size, config.lr, config.disc_lr, config.steps, config.alpha, config.beta) == (
+        2048, 1e-5, 1e-5, 20000, 2.5, 1.0
+    )
+    assert config.student_timesteps == (999,)
+    tiny = dataclasses_replace(config, model_dir=str(world_like_model), teacher_unet=str(world_like_model / "unet"),
+                               prompts="world:train", database="world:16", synthetic_pairs=4, teacher_steps=2,
+                               steps=1, batch_size=4, micro_batch_size=4, eval_prompts=0, num_threads=1,
+                               mixed_precision="no", adapter_heads=4)
+    out = ladd.run(tiny, tmp_path / "run")
+    assert (out / "adapter" / "config.json").is_file()
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_install_replaces_parts_and_the_student_keeps_its_teacher(world_like_model, tmp_path):
+    import shutil
+
+    model = shutil.copytree(world_like_model, tmp_path / "model")
+    student_export = ladd.run(_config(model, "student", eval_prompts=0, steps=1), tmp_path / "student")
+    ladd.install(student_export, model, "student")
+    assert (model / "teacher").is_dir() and not list(model.glob(".*"))
+    assert load_model(model).model_id != load_model(world_like_model).model_id  # a new UNet: indexes must be rebuilt
+    teacher = load_teacher_unet(model)
+    original = load_model(world_like_model).unet
+    assert all(torch.equal(a, b.half().float()) for a, b in zip(teacher.parameters(), original.parameters()))
+    adapter_export = ladd.run(_config(model, "adapter", eval_prompts=0, steps=1), tmp_path / "adapter")
+    ladd.install(adapter_export, model, "adapter")
+    assert load_model(model).adapter is not None
