@@ -70,7 +70,8 @@ def test_scann_spec_refuses_contradictions():
         ScannSpec(mode="tree_ah", num_leaves=10, num_leaves_to_search=11, training_sample_size=100, reorder=10)
     with pytest.raises(ValueError, match="mode"):
         ScannSpec(mode="hnsw")
-    assert ScannSpec.for_size(630_000).num_leaves == 794
+    default = ScannSpec.for_size(630_000)
+    assert (default.num_leaves, default.num_leaves_to_search, default.reorder) == (794, 8, 200)
 
 
 def test_exact_search_checks_its_inputs(data):
