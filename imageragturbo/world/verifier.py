@@ -21,7 +21,8 @@ They are answered on the image by an analytic detector (:func:`detect`):
    the palette colour with the smallest residual wins, and the pixel is foreground
    if ``alpha >= 0.5`` and the colour explains most of its difference from the
    background. This tolerates soft edges, blur and off-colour generations.
-3. Objects: 8-connected components per colour, at least ``MIN_AREA_PX`` pixels.
+3. Objects: 8-connected components of the foreground, at least ``MIN_AREA_PX`` pixels,
+   coloured by majority (split by colour when two colours each hold a large share).
 4. Shape: a triangle (apex up) puts its mass low in its bounding box, so the vertical
    skewness of the coverage is strongly negative; a square fills its bounding box,
    a circle fills about pi/4 of it. Thresholds were set halfway between the feature
@@ -44,6 +45,8 @@ from imageragturbo.world.spec import COLOURS, PALETTE, POSITION_PHRASES, SceneSp
 CATEGORIES: tuple[str, ...] = ("existence", "count", "position", "relation", "extras")
 
 MIN_AREA_PX = 6
+# A component whose second colour holds this share of its coverage is two touching objects.
+SPLIT_SHARE = 0.35
 ALPHA_FG = 0.5
 # The residual of the colour model may be at most this fraction of the explained difference.
 MAX_RESIDUAL_RATIO = 0.6
@@ -229,25 +232,43 @@ def fit_shape(target: np.ndarray) -> tuple[str, float, float, float, dict[str, f
     return (best, *fits[best], errors)
 
 
+def _fit_detection(comp: np.ndarray, colour: str, coverage_map: np.ndarray) -> Detection:
+    """Fit a shape to one component (bool [H, W]) given its soft coverage (float32 [H, W])."""
+    shape, x, y, r, errors = fit_shape(coverage_map)
+    return Detection(colour, shape, x, y, int(comp.sum()), r, errors)
+
+
 def detect(image: np.ndarray) -> list[Detection]:
-    """Objects in an RGB image (uint8 [32, 32, 3]), sorted left to right, then top to bottom."""
+    """Objects in an RGB image (uint8 [32, 32, 3]), sorted left to right, then top to bottom.
+
+    Components are found on the foreground regardless of colour, because generated objects
+    are often colour-mixed (a magenta triangle's pixels split between red and purple, which
+    per-colour components would break into fragments of no recognisable shape). A component
+    takes its majority colour, unless a second colour holds at least ``SPLIT_SHARE`` of its
+    coverage: then it is two touching objects and is split by colour.
+    """
     k, alpha, fg = colour_alpha(image)
+    a = np.clip(alpha, 0.0, 1.0)
+    labels, n = _label_components(fg)
     out = []
-    for ci, colour in enumerate(COLOURS):
-        mask = fg & (k == ci)
-        if mask.sum() < MIN_AREA_PX:
+    for j in range(1, n + 1):
+        comp = labels == j
+        if comp.sum() < MIN_AREA_PX:
             continue
-        labels, n = _label_components(mask)
-        for j in range(1, n + 1):
-            comp = labels == j
-            area = int(comp.sum())
-            if area < MIN_AREA_PX:
-                continue
-            # The object's soft coverage: its own pixels plus the anti-aliased rim of its colour.
-            rim = _dilate(comp, 1) & (k == ci)
-            target = np.where(rim, np.clip(alpha, 0.0, 1.0), 0.0).astype(np.float32)
-            shape, x, y, r, errors = fit_shape(target)
-            out.append(Detection(colour, shape, x, y, area, r, errors))
+        mass = np.array([a[comp & (k == ci)].sum() for ci in range(len(COLOURS))])
+        order = np.argsort(-mass)
+        if mass[order[1]] >= SPLIT_SHARE * mass.sum():
+            for ci in order[:2]:
+                sub_labels, n_sub = _label_components(comp & (k == ci))
+                for jj in range(1, n_sub + 1):
+                    sub = sub_labels == jj
+                    if sub.sum() >= MIN_AREA_PX:
+                        rim = _dilate(sub, 1) & (k == ci)
+                        out.append(_fit_detection(sub, COLOURS[ci], np.where(rim, a, 0.0).astype(np.float32)))
+            continue
+        # The object's soft coverage: its own pixels plus its anti-aliased rim.
+        rim = _dilate(comp, 1) & (alpha > 0)
+        out.append(_fit_detection(comp, COLOURS[order[0]], np.where(rim, a, 0.0).astype(np.float32)))
     return sorted(out, key=lambda d: (d.x, d.y))
 
 
