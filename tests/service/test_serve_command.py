@@ -29,7 +29,8 @@ def test_bundled_model_default_names_the_folder_when_absent(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--engine", "tensorrt"], {}, "engine 'tensorrt' is not available; available engines: torch"),
+        (["--engine", "onnxruntime"], {}, "cannot load the onnxruntime engine: the onnxruntime engine needs --engine-dir"),
+        (["--engine", "onnxruntime", "--engine-dir", "/nonexistent"], {}, "cannot load the onnxruntime engine:"),
         (["--max-batch", "0"], {}, "bad server settings (flags or IRT_* variables): max_batch: Input should be greater than or equal to 1"),
         ([], {"IRT_MAX_QUEUE": "lots"}, "max_queue: Input should be a valid integer"),
         (["--index", "db=/nonexistent/index"], {}, "cannot load index 'db' from /nonexistent/index"),
