@@ -81,7 +81,7 @@ def _generate(args) -> int:
     try:
         for spec in specs:
             name, path = parse_index_spec(spec)
-            pipe.add_database(load_database(name, path, verify=args.verify_index))
+            pipe.add_database(load_database(name, path, verify=args.verify_index, model_id=pipe.components.model_id))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     mode = args.mode

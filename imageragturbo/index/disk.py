@@ -242,7 +242,7 @@ def load_database(
     if model_id is not None and manifest["model_id"] != model_id:
         raise IndexLoadError(
             f"index {path} was built with model {manifest['model_id']}, but the model is {model_id}; "
-            "rebuild the index with this model"
+            f"rebuild the index with this model: {rebuild_command(path, manifest)}"
         )
     if verify:
         verify_checksums(path, manifest)
@@ -253,6 +253,20 @@ def load_database(
         name, path, len(store), manifest["searcher"]["kind"], store.model_id,
     )
     return RetrievalDatabase(name, searcher, store)
+
+
+def rebuild_command(path: Path, manifest: dict, model_dir: str | Path | None = None) -> str:
+    """The ``build-index`` command that rebuilds ``path`` from the same source."""
+    source = manifest.get("source", {})
+    if source.get("kind") == "world":
+        what = f"--world {source['n']} --world-seed {source['seed']}"
+    elif "path" in source:
+        what = f"--pairs {source['path']}"
+    else:
+        what = "--world N | --pairs PATH"
+    model = f" --model {model_dir}" if model_dir is not None else ""
+    kind = manifest.get("searcher", {}).get("kind", "auto")
+    return f"imageragturbo build-index --out {path}{model} {what} --searcher {kind} --overwrite"
 
 
 def parse_index_spec(spec: str) -> tuple[str, Path]:
