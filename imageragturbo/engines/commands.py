@@ -43,6 +43,9 @@ def register(sub, group) -> None:
     p.add_argument("--no-io-binding", action="store_true", help="onnxruntime: session.run instead of IO binding")
     p.add_argument("--ort-dynamic-shapes", action="store_true",
                    help="onnxruntime: keep batch and k dynamic (default: pinned to 1 and -k, as the protocol is batch 1)")
+    p.add_argument("--device", default="cpu", help="where the torch modules run (cpu, cuda); engines pick their own device")
+    p.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16", help="tensorrt: builder precision")
+    p.add_argument("--trt-cuda-graph", action="store_true", help="tensorrt: capture and replay a CUDA graph per input shape")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N calls per engine (ORT per-op JSON, torch profiler) and report the top ops")
     p.add_argument("--json", type=Path, required=True, help="results JSON")
@@ -140,6 +143,7 @@ def _bench_latency(args) -> int:
     from imageragturbo.engines.export import MANIFEST_NAME, export_model
     from imageragturbo.engines.pipeline_engines import load_pipeline_engines
     from imageragturbo.engines.protocol import ENGINE_KINDS, EngineLoadError
+    from imageragturbo.engines.tensorrt_engine import TrtBuildSpec
     from imageragturbo.eval.latency_bench import (
         bench_prompts,
         machine_info,
@@ -163,7 +167,7 @@ def _bench_latency(args) -> int:
     torch.set_num_threads(args.threads)
     model_dir = args.model or default_model_dir()
     try:
-        components = load_model(model_dir)
+        components = load_model(model_dir, device=args.device)
     except ModelLoadError as exc:
         raise CliError(str(exc)) from exc
     if "adapter" in modes and components.adapter is None:
@@ -186,7 +190,10 @@ def _bench_latency(args) -> int:
                 "io_binding": not args.no_io_binding,
                 "static_sizes": None if args.ort_dynamic_shapes else {"batch": 1, "k": args.k},
             },
-            "tensorrt": {},
+            "tensorrt": {
+                "build": TrtBuildSpec(precision=args.trt_precision, batch_ranges=((1, 1, 1),), k_range=(args.k,) * 3),
+                "cuda_graph": args.trt_cuda_graph,
+            },
         }
         pipes = {}
         try:
