@@ -65,13 +65,13 @@ class GenerationService:
         self.model_name = model_name
         self.database_names = list(pipe.databases)
         retrieval_ready = bool(self.database_names)
-        self.available_modes = [
-            mode for mode in pipe.denoisers if mode == "off" or retrieval_ready
-        ]
+        self.available_modes = [mode for mode in pipe.denoisers if mode == "off" or retrieval_ready]
         # 'adapter' is the product's default, but a model without a trained adapter (or served
         # without a database) must still answer a request that names no mode.
         self.default_mode = "adapter" if "adapter" in self.available_modes else "off"
-        index = ",".join(f"{name}:{getattr(db.searcher, 'kind', type(db.searcher).__name__)}" for name, db in pipe.databases.items())
+        index = ",".join(
+            f"{name}:{getattr(db.searcher, 'kind', type(db.searcher).__name__)}" for name, db in pipe.databases.items()
+        )
         self.metrics = ServiceMetrics(
             model=model_name, engine=engine, index=index or "none", queue_depth=lambda: self.batcher.queue_depth
         )

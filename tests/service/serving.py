@@ -88,7 +88,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        wait_ready(self.url)
+        wait_ready(self.url, timeout_s=300.0)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,7 +117,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_ready(self.url, timeout_s=120.0, process=self.process)
+            # Generous: importing torch and diffusers takes seconds, minutes on a starved CPU.
+            wait_ready(self.url, timeout_s=600.0, process=self.process)
         except RuntimeError:
             self.stop()
             raise

@@ -219,46 +219,63 @@ def test_api_key_guards_generate_only(bare_pipe):
 
 
 class FlakyPipe:
-    """Wraps a pipeline: a prompt containing 'explode' raises, 'slow' sleeps, and warm-up waits
-    for ``release`` (to see /readyz before warm-up is done)."""
+    """Wraps a pipeline: a prompt containing 'explode' raises, 'slow' waits for ``unblock``,
+    and warm-up waits for ``release`` (to see /readyz before warm-up is done)."""
 
     def __init__(self, pipe):
         self._pipe = pipe
         self.release = threading.Event()
         self.release.set()
+        self.unblock = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
     def __call__(self, prompts, seeds, **kwargs):
         if prompts == ["warm-up"]:
-            self.release.wait(30)
+            self.release.wait(300)
         if any("explode" in p for p in prompts):
             raise RuntimeError("CUDA error: out of memory (simulated)")
         if any("slow" in p for p in prompts):
-            threading.Event().wait(1.0)
+            self.unblock.wait(300)
         return self._pipe(prompts, seeds, **kwargs)
 
 
-def test_failing_batch_is_500_timeout_is_504_and_the_server_keeps_serving(tiny_pipe):
-    flaky = FlakyPipe(tiny_pipe)
-    settings = ServiceSettings(timeout_s=0.3, max_batch=1)
-    with ServerThread(create_app(flaky, settings, model_name="flaky")) as running:
-        failed = httpx.post(f"{running.url}/generate", json={"prompt": "explode now", "mode": "off"})
+def _status_counts(url):
+    return {
+        s.labels["status"]: s.value
+        for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        if f.name == "irt_requests"
+        for s in f.samples
+        if s.name == "irt_requests_total"
+    }
+
+
+def test_failing_batch_is_500_with_its_message_and_the_server_keeps_serving(tiny_pipe):
+    with ServerThread(create_app(FlakyPipe(tiny_pipe), ServiceSettings(max_batch=1), model_name="flaky")) as running:
+        failed = httpx.post(f"{running.url}/generate", json={"prompt": "explode now", "mode": "off"}, timeout=60)
         assert failed.status_code == 500
         assert failed.json()["detail"] == "generation failed: RuntimeError: CUDA error: out of memory (simulated)"
-        slow = httpx.post(f"{running.url}/generate", json={"prompt": "slow one", "mode": "off"})
+        assert httpx.post(f"{running.url}/generate", json={"prompt": "fine", "mode": "off"}, timeout=60).status_code == 200
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+        counts = _status_counts(running.url)
+        assert counts["500"] == 1 and counts["200"] == 1
+
+
+def test_request_over_the_timeout_is_504_and_the_worker_goes_on(tiny_pipe):
+    flaky = FlakyPipe(tiny_pipe)
+    with ServerThread(create_app(flaky, ServiceSettings(timeout_s=0.3, max_batch=1), model_name="flaky")) as running:
+        slow = httpx.post(f"{running.url}/generate", json={"prompt": "slow one", "mode": "off"}, timeout=60)
         assert slow.status_code == 504 and "not answered within 0.3 s" in slow.json()["detail"]
-        threading.Event().wait(1.0)  # let the slow batch finish
-        assert httpx.post(f"{running.url}/generate", json={"prompt": "fine", "mode": "off"}).status_code == 200
-        statuses = {
-            s.labels["status"]: s.value
-            for f in text_string_to_metric_families(httpx.get(f"{running.url}/metrics").text)
-            if f.name == "irt_requests"
-            for s in f.samples
-            if s.name == "irt_requests_total"
-        }
-        assert statuses["500"] == 1 and statuses["504"] == 1 and statuses["200"] == 1
+        flaky.unblock.set()
+        # The worker finishes the abandoned batch (its answer goes nowhere) and stays alive.
+        for _ in range(600):
+            if "irt_batch_size_count 1.0" in httpx.get(f"{running.url}/metrics").text:
+                break
+            threading.Event().wait(0.1)
+        assert "irt_batch_size_count 1.0" in httpx.get(f"{running.url}/metrics").text
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+        assert _status_counts(running.url)["504"] == 1
 
 
 def test_readyz_is_503_until_warm_up_is_done(tiny_pipe):
@@ -267,7 +284,7 @@ def test_readyz_is_503_until_warm_up_is_done(tiny_pipe):
     running = ServerThread(create_app(flaky, ServiceSettings(), model_name="flaky"))
     running.thread.start()
     try:
-        for _ in range(100):
+        for _ in range(3000):
             try:
                 early = httpx.get(f"{running.url}/readyz")
                 break
@@ -276,7 +293,7 @@ def test_readyz_is_503_until_warm_up_is_done(tiny_pipe):
         assert early.status_code == 503 and early.headers["retry-after"] == "1"
         assert httpx.get(f"{running.url}/healthz").status_code == 200  # alive, just not ready
         flaky.release.set()
-        for _ in range(200):
+        for _ in range(3000):
             if httpx.get(f"{running.url}/readyz").status_code == 200:
                 break
             threading.Event().wait(0.05)
