@@ -50,6 +50,9 @@ def register(sub, group) -> None:
     p.add_argument("--json", type=Path, required=True, help="results JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results as a markdown report")
     p.add_argument("--variant", type=Path, action="append", default=[], help="results JSON of another ScaNN build to list in the report (repeatable)")
+    p.add_argument("--parts", default="searchers,store",
+                   help="searchers (the index comparison), store (gather timing, store size, shrink effect); "
+                        "'store' alone updates an existing --json in place")
     p.add_argument("--render-only", action="store_true", help="run nothing: render --markdown from an existing --json (and --variant files)")
     p.set_defaults(handler=_bench_retrieval)
 
