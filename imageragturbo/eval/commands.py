@@ -33,14 +33,14 @@ def register(sub, group) -> None:
     p.set_defaults(handler=_table)
 
 
-def _open(args):
+def _open(args, base_only: bool = False):
     from imageragturbo.cli import CliError, default_model_dir
     from imageragturbo.model.loading import load_teacher_unet
     from imageragturbo.model.pipeline import open_pipeline
 
     model_dir = args.model or default_model_dir()
     try:
-        pipe = open_pipeline(model_dir, indexes=args.index)
+        pipe = open_pipeline(model_dir, indexes=args.index, base_only=base_only)
         teacher = load_teacher_unet(model_dir)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
@@ -75,6 +75,8 @@ def _table(args) -> int:
     from imageragturbo.eval.fidelity import fidelity_table
 
     model_dir, pipe, teacher = _open(args)
-    report = fidelity_table(pipe, teacher, args.out, n=args.n, k=args.k, database=args.database, model_label=str(model_dir))
+    _, base_pipe, _ = _open(args, base_only=True)
+    report = fidelity_table(pipe, teacher, args.out, n=args.n, k=args.k, database=args.database,
+                            model_label=str(model_dir), base_pipe=base_pipe)
     print(f"wrote {args.out / 'fidelity.md'} ({len(report['results'])} rows x splits)")
     return 0

@@ -205,8 +205,13 @@ def fidelity_table(
     k: int = 4,
     database: str | None = None,
     model_label: str = "",
+    base_pipe: RagTurboPipeline | None = None,
 ) -> dict:
-    """Score every row on test-seen and test-held; write fidelity.json/.md, a bar chart and grids."""
+    """Score every row on test-seen and test-held; write fidelity.json/.md, a bar chart and grids.
+
+    ``base_pipe`` is the same model without its adapter and decoder LoRA: the ``off`` and
+    ``inject`` rows are the plain one-step student (the paper's SD-Turbo rows), so they must
+    not run through a decoder that the adapter's training changed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     available = [r for r in rows if r.mode in ("teacher", "off") or r.mode in pipe.denoisers]
     skipped = [r.name for r in rows if r not in available]
@@ -214,7 +219,8 @@ def fidelity_table(
     for split in SPLITS:
         prompts = load_prompts(split, n)
         for row in available:
-            res = evaluate_fidelity(pipe, row, prompts, split, teacher_unet=teacher_unet, k=k, database=database)
+            row_pipe = base_pipe if (base_pipe is not None and row.mode in ("off", "inject")) else pipe
+            res = evaluate_fidelity(row_pipe, row, prompts, split, teacher_unet=teacher_unet, k=k, database=database)
             logger.info("%s on %s: %.3f (%.0f s)", row.name, split, res.benchmark.mean_score, res.wall_s)
             results.append(res)
     report = {

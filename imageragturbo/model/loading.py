@@ -197,12 +197,14 @@ def load_model(
     lora_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    base_only: bool = False,
 ) -> ModelComponents:
     """Load every part of a diffusers-format model directory from local files only.
 
     ``adapter_dir`` and ``lora_dir`` default to ``<model_dir>/adapter`` and
-    ``<model_dir>/unet_lora`` when those exist. Raises :class:`ModelLoadError` naming the
-    missing or malformed file.
+    ``<model_dir>/unet_lora`` when those exist; ``base_only`` skips both (training a new
+    adapter and LoRA starts from the bare one-step UNet). Raises :class:`ModelLoadError`
+    naming the missing or malformed file.
     """
     model_dir = Path(model_dir)
     index = check_model_dir(model_dir)
@@ -232,13 +234,13 @@ def load_model(
     model_id = fingerprint(identity_files)
 
     lora_path = Path(lora_dir) if lora_dir is not None else model_dir / LORA_DIRNAME
-    if lora_dir is not None or lora_path.is_dir():
+    if not base_only and (lora_dir is not None or lora_path.is_dir()):
         _fuse_lora(unet, lora_path)
         logger.info("fused UNet LoRA from %s", lora_path)
 
     adapter_path = Path(adapter_dir) if adapter_dir is not None else model_dir / ADAPTER_DIRNAME
     adapter = None
-    if adapter_dir is not None or adapter_path.is_dir():
+    if not base_only and (adapter_dir is not None or adapter_path.is_dir()):
         adapter = load_adapter(adapter_path, dtype)
         expected = unet.config.block_out_channels[-1]
         if adapter.config.channels != expected:

@@ -98,6 +98,11 @@ class LaddConfig:
     student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
     p_first_timestep: float = 0.5
     """Share of iterations at t = T (pure noise); the rest are spread over the other few-step levels."""
+    text_drop: float = 0.0
+    """Adapter runs: share of items whose cross-attention context is the empty prompt's for
+    the generator, while retrieval, the discriminator and the targets keep the real prompt.
+    Without it the prompt already carries all that same-caption neighbours carry, and the
+    adapter learns to ignore them; with it, content must come through the H-space."""
     lora_rank: int = 8
     adapter_heads: int = 8
     adapter_layers: int = 1
@@ -361,7 +366,7 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     device = accelerator.device
 
     # 1. models: frozen text encoder, VAE and teacher; the student side per mode
-    parts = load_model(config.model_dir, adapter_dir=None)
+    parts = load_model(config.model_dir, base_only=True)
     if config.teacher_unet == "auto":
         teacher = load_teacher_unet(config.model_dir)
     else:
@@ -430,7 +435,11 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 keep = np.stack([row[row != self_id][: config.k] for row, self_id in zip(ids, own)])
                 h_retr = torch.from_numpy(np.asarray(store.h_features(keep), dtype=np.float32)).to(device)
                 lam = retrieval_gate(q, torch.from_numpy(np.asarray(store.text_embeddings(keep), dtype=np.float32)).to(device))
-            x0_hat = schedule.predict_x0(generator(z_t, t, ctx, h_retr, lam), z_t, t)
+            ctx_g = ctx
+            if config.text_drop > 0:
+                drop = (torch.rand(len(captions), generator=gen) < config.text_drop).to(device)
+                ctx_g = torch.where(drop[:, None, None], ctx_uncond.expand_as(ctx), ctx)
+            x0_hat = schedule.predict_x0(generator(z_t, t, ctx_g, h_retr, lam), z_t, t)
 
             # 4. discriminator step on noisy real vs fake latents, s uniform over all timesteps
             s = torch.randint(0, schedule.num_train_timesteps, (len(captions),), generator=gen).to(device)

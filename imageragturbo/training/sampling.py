@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+from imageragturbo.model.sampling import sample_multistep
 from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import BenchmarkResult, verify_batch
 
@@ -47,37 +48,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
 
 
 @torch.no_grad()
-def sample_latents(
-    unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
-    ctx: torch.Tensor,
-    ctx_uncond: torch.Tensor | None,
-    z_T: torch.Tensor,
-    steps: int,
-    guidance: float,
-) -> torch.Tensor:
-    """Denoise ``z_T`` (float32 [B, 4, 8, 8]) in ``steps`` DDIM steps; returns scaled latents ``z0``.
-
-    ``ctx`` float32 [B, L, D] is the prompt context, ``ctx_uncond`` [1 or B, L, D] the empty
-    prompt's; with ``guidance == 1`` or no ``ctx_uncond`` there is no CFG batch.
-    """
-    scheduler.set_timesteps(steps)
-    z = z_T * scheduler.init_noise_sigma
-    cfg = ctx_uncond is not None and guidance != 1.0
-    if cfg:
-        ctx_in = torch.cat([ctx_uncond.expand(len(ctx), -1, -1), ctx])
-    for t in scheduler.timesteps:
-        if cfg:
-            out = unet(torch.cat([z, z]), t, encoder_hidden_states=ctx_in).sample
-            out_u, out_c = out.chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        else:
-            out = unet(z, t, encoder_hidden_states=ctx).sample
-        z = scheduler.step(out, t, z, eta=0.0).prev_sample
-    return z
-
-
-@torch.no_grad()
 def generate(
     parts: TeacherParts, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 3.0, batch_size: int = 100
 ) -> np.ndarray:
@@ -90,7 +60,7 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         ctx = encode_text(parts.tokenizer, parts.text_encoder, prompts[i : i + batch_size])
         z_T = initial_noise(seeds[i : i + batch_size], (cfg.in_channels, cfg.sample_size, cfg.sample_size))
-        z0 = sample_latents(parts.unet, parts.scheduler, ctx, ctx_uncond, z_T, steps, guidance)
+        z0 = sample_multistep(parts.unet, parts.scheduler.config, ctx, ctx_uncond, z_T, steps, guidance)
         x = parts.vae.decode(z0 / parts.vae.config.scaling_factor).sample
         out.append(tensor_to_images(x))
     return np.concatenate(out)

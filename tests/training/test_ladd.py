@@ -42,8 +42,8 @@ def test_adapter_run_trains_only_adapter_and_lora_and_exports_a_loadable_model(w
 
 
 def test_resume_continues_from_the_checkpoint(world_like_model, tmp_path):
-    ladd.run(_config(world_like_model, "adapter", steps=1), tmp_path / "run")
-    ladd.run(_config(world_like_model, "adapter", steps=2), tmp_path / "run", resume=True)
+    ladd.run(_config(world_like_model, "adapter", steps=1, text_drop=0.5), tmp_path / "run")
+    ladd.run(_config(world_like_model, "adapter", steps=2, text_drop=0.5), tmp_path / "run", resume=True)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())["step"] == 2
