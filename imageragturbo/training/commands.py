@@ -56,8 +56,22 @@ def _train(args) -> int:
     return 0
 
 
-def _world(args) -> int:
-    from imageragturbo.training.world_recipe import reproduce
+WORLD_INDEX_PAIRS = 4096
 
-    reproduce(args.out, args.work, resume=args.resume)
+
+def _world(args) -> int:
+    """Pretraining recipe (VAE, CLIP, teacher, export), then the student, the index built with
+    the student's encoder, and the adapter, each installed into ``--out``."""
+    from imageragturbo.index.build import build_index
+    from imageragturbo.index.pairs import WorldPairs
+    from imageragturbo.model.pipeline import RagTurboPipeline
+    from imageragturbo.training import ladd, world_recipe
+
+    world_recipe.run(args.work, args.out, resume=args.resume)
+    ladd.main(CONFIG_DIR / RUNS["student"][1], args.work / "student", resume=args.resume,
+              model_dir=str(args.out), install_into=args.out)
+    pipe = RagTurboPipeline.from_pretrained(args.out)
+    build_index(pipe, WorldPairs(WORLD_INDEX_PAIRS), args.out / "index", overwrite=True)
+    ladd.main(CONFIG_DIR / RUNS["adapter"][1], args.work / "adapter", resume=args.resume,
+              model_dir=str(args.out), install_into=args.out)
     return 0
