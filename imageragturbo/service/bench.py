@@ -10,6 +10,7 @@ the hand-off to the worker, PNG encoding, the client library).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -128,31 +130,42 @@ def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str,
     queue_ms: list[float] = []
     errors: dict[str, int] = {}
 
+    parsed = urlsplit(url)
+    request_headers = {"Content-Type": "application/json", **headers}
+
     def client_loop() -> None:
         nonlocal issued
-        with httpx.Client(timeout=120.0, headers=headers) as client:
+        # The standard library's client: one keep-alive connection per thread and ~0.5 ms less
+        # per request than httpx, so the client adds as little as it can to what is measured.
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120.0)
+        try:
             while True:
                 with lock:
                     if issued >= n:
                         return
                     i = issued
                     issued += 1
-                payload = {**body, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+                payload = json.dumps({**body, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
                 start = time.perf_counter()
                 try:
-                    response = client.post(f"{url}/generate", json=payload)
+                    connection.request("POST", "/generate", payload, request_headers)
+                    response = connection.getresponse()
+                    response.read()
                     elapsed_ms = (time.perf_counter() - start) * 1e3
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
+                    status = str(response.status)
+                except (OSError, http.client.HTTPException) as exc:
                     elapsed_ms, status = (time.perf_counter() - start) * 1e3, type(exc).__name__
+                    connection.close()
                 with lock:
                     if status == "200":
-                        timings = parse_server_timing(response.headers.get("server-timing", ""))
+                        timings = parse_server_timing(response.getheader("server-timing", ""))
                         latencies_ms.append(elapsed_ms)
                         pipeline_ms.append(sum(timings.get(stage, 0.0) for stage in STAGES))
                         queue_ms.append(timings.get("queue_wait", 0.0))
                     else:
                         errors[status] = errors.get(status, 0) + 1
+        finally:
+            connection.close()
 
     with httpx.Client(timeout=10.0) as probe:
         batch_sum0, batch_count0 = _batch_totals(probe, url)
