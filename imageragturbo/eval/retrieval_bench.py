@@ -459,7 +459,6 @@ def machine() -> dict:
         "platform": platform.platform(),
         "versions": versions,
         "loadavg_start": os.getloadavg(),
-        "nice": os.nice(0),
     }
 
 
@@ -519,6 +518,8 @@ def run_bench(args: argparse.Namespace, on_progress=None) -> dict:
     def summary(complete: bool) -> dict:
         fastest_peer = min((r["p50_ms"] for r in results if r["meets_target_recall"]), default=None)
         info["loadavg_end"] = os.getloadavg()
+        # Read now, not at start: the workplace may renice running jobs.
+        info["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
         return {
             "complete": complete,
             "n": args.n,
