@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -207,8 +208,8 @@ def _bench_service(args) -> int:
     command = f"imageragturbo bench service --concurrency {args.concurrency} --n {args.n}"
     for flag, value in (("--url", args.url), ("--model", args.model), ("--mode", args.mode), ("--label", args.label)):
         if value is not None:
-            command += f" {flag} {value}"
-    command += "".join(f" --index {spec}" for spec in args.index) + f" --steps {args.steps} --json {args.json}"
+            command += f" {flag} {shlex.quote(str(value))}"
+    command += "".join(f" --index {shlex.quote(spec)}" for spec in args.index) + f" --steps {args.steps} --json {args.json}"
     section = bench.render_markdown(result, note) + f"\nCommand: `{command}`\n\n"
     bench.update_markdown(args.md, label, section, RESULTS_PREAMBLE)
     for level in result.levels:
