@@ -174,7 +174,8 @@ class RagTurboPipeline:
         if mode not in self.denoisers:
             raise ValueError(f"mode {mode!r} needs a trained H-space adapter; this model has no adapter/")
         few_step_timesteps(steps, self.num_train_timesteps)
-        weights = np.atleast_1d(np.asarray(inject_w, dtype=np.float64))
+        # float32: the dtype the blend runs in (1e-300 is > 0 in float64 but 0 in float32).
+        weights = np.atleast_1d(np.asarray(inject_w, dtype=np.float32))
         if weights.shape[0] not in (1, len(prompts)) or bool(((weights <= 0) | (weights > 1)).any()):
             raise ValueError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
         if mode != "off":

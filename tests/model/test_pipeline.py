@@ -120,6 +120,7 @@ def test_exact_caption_is_retrieved_first(v_pipe):
         (dict(prompts=["a"], seeds=[1], steps=0), "steps must be in"),
         (dict(prompts=["a"], seeds=[1], k=99), "k must be an integer in \\[1, 4\\]"),
         (dict(prompts=["a"], seeds=[1], mode="inject", inject_w=0.0), "inject_w must be in"),
+        (dict(prompts=["a"], seeds=[1], mode="inject", inject_w=1e-300), "inject_w must be in"),
         (dict(prompts=["a"], seeds=[1], database="../etc"), "unknown database"),
     ],
 )
