@@ -58,6 +58,7 @@ from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
 from imageragturbo.training.pretrain_checkpoints import config_from_json, config_to_dict
+from imageragturbo.world.spec import swap_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,12 @@ class LaddConfig:
     the generator, while retrieval, the discriminator and the targets keep the real prompt.
     Without it the prompt already carries all that same-caption neighbours carry, and the
     adapter learns to ignore them; with it, content must come through the H-space."""
+    text_swap: float = 0.0
+    """Adapter runs on shapes-world prompts: share of items whose generator caption has one
+    entity's colour or shape swapped for another (never into a held-out composition), while
+    retrieval, the discriminator and the targets keep the true caption. The text path then
+    names the wrong thing, as it does for a composition the student never learned, and the
+    right content has to come from the retrieved neighbours through the H-space."""
     lora_rank: int = 8
     adapter_heads: int = 8
     adapter_layers: int = 1
@@ -115,6 +122,10 @@ class LaddConfig:
     eval_every: int = 250
     eval_prompts: int = 64
     """Verifier score on this many shapes-world test-seen prompts during training (0: none)."""
+    eval_index: str = ""
+    """Adapter runs: an index folder built with this model (e.g. ``models/shapes-v1/index``)
+    that also holds the held-out compositions; when set, the periodic evaluation also scores
+    test-held prompts retrieving from it. Evaluation only: training never reads it."""
 
 
 def load_config(path: str | Path | None = None, **overrides) -> LaddConfig:
@@ -354,6 +365,12 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     if config.mode not in ("student", "adapter"):
         raise ValueError(f"mode must be 'student' or 'adapter', got {config.mode!r}")
+    if config.text_swap > 0 and (config.mode != "adapter" or not config.prompts.startswith("world:")
+                                 or not config.database.startswith("world:")):
+        raise ValueError(
+            f"text_swap needs an adapter run on shapes-world prompts and database, got mode {config.mode!r}, "
+            f"prompts {config.prompts!r}, database {config.database!r}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.num_threads)
@@ -385,6 +402,11 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     generator, heads, opt_g, opt_d = accelerator.prepare(generator, heads, opt_g, opt_d)
     disc = LatentDiscriminator(teacher_split, heads)
     store, searcher = data.real.store, data.real.searcher
+    eval_sets = [("test-seen", data.real)]
+    if config.eval_index and config.mode == "adapter":
+        from imageragturbo.index.disk import load_database
+
+        eval_sets.append(("test-held", load_database("eval", config.eval_index, model_id=parts.model_id)))
     ctx_uncond = encoder([""]).ctx.clone().to(device)
     logger.info(
         "ladd %s: %d trainable generator parameters, %d discriminator-head parameters",
@@ -436,9 +458,14 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 h_retr = torch.from_numpy(np.asarray(store.h_features(keep), dtype=np.float32)).to(device)
                 lam = retrieval_gate(q, torch.from_numpy(np.asarray(store.text_embeddings(keep), dtype=np.float32)).to(device))
             ctx_g = ctx
+            if config.text_swap > 0:
+                swap = (torch.rand(len(captions), generator=gen) < config.text_swap).tolist()
+                rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+                swapped = [swap_attribute(c, rng) if flag else c for c, flag in zip(captions, swap)]
+                ctx_g = encoder(swapped).ctx.clone().to(device)
             if config.text_drop > 0:
                 drop = (torch.rand(len(captions), generator=gen) < config.text_drop).to(device)
-                ctx_g = torch.where(drop[:, None, None], ctx_uncond.expand_as(ctx), ctx)
+                ctx_g = torch.where(drop[:, None, None], ctx_uncond.expand_as(ctx), ctx_g)
             x0_hat = schedule.predict_x0(generator(z_t, t, ctx_g, h_retr, lam), z_t, t)
 
             # 4. discriminator step on noisy real vs fake latents, s uniform over all timesteps
@@ -476,8 +503,10 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         record = {"step": step, **losses}
         if config.eval_prompts and (step % config.eval_every == 0 or step == config.steps):
-            record["verifier_test_seen"] = evaluate(config, parts, accelerator.unwrap_model(generator), schedule, encoder, data)
-            logger.info("step %d: verifier %.3f", step, record["verifier_test_seen"])
+            for split, database in eval_sets:
+                key = "verifier_" + split.replace("-", "_")
+                record[key] = evaluate(config, parts, accelerator.unwrap_model(generator), schedule, encoder, database, split)
+                logger.info("step %d: verifier %s %.3f", step, split, record[key])
         history.append(record)
         if time.monotonic() - last_checkpoint > config.checkpoint_every_s or step == config.steps:
             with (out_dir / "history.jsonl").open("a") as handle:
@@ -490,23 +519,27 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
 
 @torch.no_grad()
-def evaluate(config, parts, generator: RagDenoiser, schedule, encoder, data: TrainingData) -> float:
-    """One-step verifier score on shapes-world test-seen prompts (retrieving from the training database)."""
+def evaluate(
+    config, parts, generator: RagDenoiser, schedule, encoder, database: RetrievalDatabase, split: str = "test-seen"
+) -> float:
+    """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
+    retrieving from ``database``."""
     from imageragturbo.world.splits import eval_prompts
     from imageragturbo.world.verifier import verify_batch
 
-    prompts = eval_prompts("test-seen", config.eval_prompts)
+    prompts = eval_prompts(split, config.eval_prompts)
     captions = [p for p, _ in prompts]
     device = next(generator.parameters()).device
-    noise = torch.stack([torch.randn(data.syn_noise.shape[1:], generator=torch.Generator().manual_seed(s)) for _, s in prompts])
+    latent_shape = (parts.unet.config.in_channels, *_latent_hw(parts.unet))
+    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in prompts])
     noise = noise.to(device)
     encoded = encoder(captions)
     t = torch.full((len(captions),), config.student_timesteps[0], device=device)
     h_retr = lam = None
     if generator.mode == "adapter":
-        ids, _ = data.real.searcher.search(encoded.q.cpu().numpy(), config.k)
-        h_retr = torch.from_numpy(np.asarray(data.real.store.h_features(ids), dtype=np.float32)).to(device)
-        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(data.real.store.text_embeddings(ids), dtype=np.float32)).to(device))
+        ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
+        h_retr = torch.from_numpy(np.asarray(database.store.h_features(ids), dtype=np.float32)).to(device)
+        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
     was_training = generator.training
     generator.eval()
     x0 = schedule.predict_x0(generator(noise, t, encoded.ctx, h_retr, lam), noise, t)

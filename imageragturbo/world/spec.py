@@ -19,7 +19,9 @@ Grammar (WORLD.md, fixed)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -268,3 +270,27 @@ def all_specs() -> list[SceneSpec]:
         ]
     out += [SceneSpec("count", (Entity(c, s, n),)) for c, s in pairs for n in (2, 3)]
     return out
+
+
+def swap_attribute(text: str, rng: np.random.Generator) -> str:
+    """``text`` with one entity's colour or shape changed to another, e.g. ``a red circle on the
+    left`` -> ``a red square on the left``.
+
+    Never names a held-out composition, and keeps the scene valid (the two objects of a pair
+    still differ). Returns ``text`` unchanged when no such swap exists. Raises ``ValueError``
+    for text outside the grammar.
+    """
+    spec = parse_caption(text)
+    options = []
+    for i, entity in enumerate(spec.entities):
+        options += [(i, replace(entity, colour=c)) for c in COLOURS if c != entity.colour]
+        options += [(i, replace(entity, shape=s)) for s in SHAPES if s != entity.shape]
+    valid = []
+    for i, entity in options:
+        entities = spec.entities[:i] + (entity,) + spec.entities[i + 1 :]
+        if entity.pair in HELD_OUT or (len(entities) == 2 and entities[0].pair == entities[1].pair):
+            continue
+        valid.append(SceneSpec(spec.kind, entities))
+    if not valid:
+        return text
+    return caption(valid[rng.integers(len(valid))])

@@ -42,11 +42,20 @@ def test_adapter_run_trains_only_adapter_and_lora_and_exports_a_loadable_model(w
 
 
 def test_resume_continues_from_the_checkpoint(world_like_model, tmp_path):
-    ladd.run(_config(world_like_model, "adapter", steps=1, text_drop=0.5), tmp_path / "run")
-    ladd.run(_config(world_like_model, "adapter", steps=2, text_drop=0.5), tmp_path / "run", resume=True)
+    ladd.run(_config(world_like_model, "adapter", steps=1, text_drop=0.5, text_swap=0.5), tmp_path / "run")
+    ladd.run(_config(world_like_model, "adapter", steps=2, text_drop=0.5, text_swap=0.5), tmp_path / "run", resume=True)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())["step"] == 2
+
+
+def test_text_swap_needs_shapes_world_prompts(world_like_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match="text_swap"):
+        ladd.run(_config(world_like_model, "adapter", prompts=str(prompts), text_swap=0.5), tmp_path / "run")
+    with pytest.raises(ValueError, match="text_swap"):
+        ladd.run(_config(world_like_model, "student", text_swap=0.5), tmp_path / "run")
 
 
 def test_student_run_changes_the_unet_and_keeps_the_teacher(world_like_model, tmp_path):

@@ -27,6 +27,7 @@ from imageragturbo.world.spec import (
     all_specs,
     caption,
     parse_caption,
+    swap_attribute,
 )
 from imageragturbo.world.splits import eval_prompts, item_rng, world_arrays, world_pair
 from imageragturbo.world.verifier import CATEGORIES, aggregate, detect, verify, verify_batch
@@ -266,3 +267,21 @@ def test_verifier_distinguishes_every_shape_and_colour():
                 spec = SceneSpec("single", (Entity(c, s, 1, pos),))
                 dets = detect(render(spec, rng))
                 assert [(d.colour, d.shape) for d in dets] == [(c, s)], (spec, dets)
+
+
+def test_swap_attribute_changes_one_attribute_and_never_names_a_held_out_composition():
+    rng = np.random.default_rng(0)
+    for spec in all_specs():
+        if spec.has_held_out:
+            continue
+        text = caption(spec)
+        swapped = parse_caption(swap_attribute(text, rng))  # a valid scene of the grammar
+        assert not swapped.has_held_out
+        assert swapped.kind == spec.kind
+        differences = [
+            (a.colour != b.colour) + (a.shape != b.shape) + (a.count != b.count) + (a.position != b.position)
+            for a, b in zip(spec.entities, swapped.entities)
+        ]
+        assert sorted(differences)[-1] == 1 and sum(differences) == 1, (text, caption(swapped))
+    with pytest.raises(ValueError):
+        swap_attribute("a cat on the left", rng)
