@@ -34,6 +34,11 @@ def register(sub, group) -> None:
     p.add_argument("--out", type=Path, default=Path("models/shapes-v1"))
     p.add_argument("--work", type=Path, default=Path("runs/world"), help="run folders of the stages")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--configs", type=Path, default=CONFIG_DIR,
+                   help="folder with every stage's config file (default: the package's configs/)")
+    p.add_argument("--index-pairs", type=int, default=WORLD_INDEX_PAIRS,
+                   help=f"database-split pairs in the bundled index (default {WORLD_INDEX_PAIRS})")
+    p.add_argument("--eval-prompts", type=int, default=200, help="prompts per split in the teacher's evaluation")
     p.set_defaults(handler=_world)
 
 
@@ -62,16 +67,21 @@ WORLD_INDEX_PAIRS = 4096
 def _world(args) -> int:
     """Pretraining recipe (VAE, CLIP, teacher, export), then the student, the index built with
     the student's encoder, and the adapter, each installed into ``--out``."""
+    from imageragturbo.cli import CliError
     from imageragturbo.index.build import build_index
     from imageragturbo.index.pairs import WorldPairs
     from imageragturbo.model.pipeline import RagTurboPipeline
     from imageragturbo.training import ladd, world_recipe
 
-    world_recipe.run(args.work, args.out, resume=args.resume)
-    ladd.main(CONFIG_DIR / RUNS["student"][1], args.work / "student", resume=args.resume,
+    missing = [name for name in (*world_recipe.STAGE_CONFIGS, RUNS["student"][1], RUNS["adapter"][1])
+               if not (args.configs / name).is_file()]
+    if missing:
+        raise CliError(f"{args.configs}: missing config file(s) {', '.join(missing)}")
+    world_recipe.run(args.work, args.out, resume=args.resume, configs=args.configs, eval_prompts=args.eval_prompts)
+    ladd.main(args.configs / RUNS["student"][1], args.work / "student", resume=args.resume,
               model_dir=str(args.out), install_into=args.out)
     pipe = RagTurboPipeline.from_pretrained(args.out)
-    build_index(pipe, WorldPairs(WORLD_INDEX_PAIRS), args.out / "index", overwrite=True)
-    ladd.main(CONFIG_DIR / RUNS["adapter"][1], args.work / "adapter", resume=args.resume,
-              model_dir=str(args.out), install_into=args.out)
+    build_index(pipe, WorldPairs(args.index_pairs), args.out / "index", overwrite=True)
+    ladd.main(args.configs / RUNS["adapter"][1], args.work / "adapter", resume=args.resume,
+              model_dir=str(args.out), install_into=args.out, eval_index=str(args.out / "index"))
     return 0

@@ -38,6 +38,7 @@ from imageragturbo.world.splits import eval_prompts
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).parent / "configs"
+STAGE_CONFIGS = ("vae.json", "vae_decoder_ft.json", "clip.json", "clip_entities.json", "teacher.json")
 
 
 def model_index() -> dict:
@@ -111,8 +112,12 @@ def evaluate_model_dir(model_dir: Path, n_prompts: int = 200, steps: int = 25, g
     return out
 
 
-def run(runs: Path, model_dir: Path, resume: bool = False) -> dict:
-    """Run every stage in order (see module docstring) and export; return the evaluation."""
+def run(runs: Path, model_dir: Path, resume: bool = False, configs: Path = CONFIGS, eval_prompts: int = 200) -> dict:
+    """Run every stage in order (see module docstring) and export; return the evaluation.
+
+    ``configs`` is the folder holding the stages' config files (the package's by default);
+    ``eval_prompts`` is the number of prompts per split in the final evaluation.
+    """
     runs.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
 
@@ -121,7 +126,7 @@ def run(runs: Path, model_dir: Path, resume: bool = False) -> dict:
             logger.info("stage %s already finished (%s exists)", name, done)
             return
         t = time.monotonic()
-        module.main(CONFIGS / config, runs / name, resume=resume, **overrides)
+        module.main(configs / config, runs / name, resume=resume, **overrides)
         walls[name] = round(time.monotonic() - t, 1)
 
     stage("vae", pretrain_vae, "vae.json", runs / "vae" / "vae")
@@ -135,7 +140,7 @@ def run(runs: Path, model_dir: Path, resume: bool = False) -> dict:
     )
     size = export_model_dir(runs / "vae_ft" / "vae", runs / "clip_entities", runs / "teacher", model_dir)
     logger.info("exported %s (%.1f MB)", model_dir, size / 1e6)
-    result = evaluate_model_dir(model_dir)
+    result = evaluate_model_dir(model_dir, n_prompts=eval_prompts)
     result["stage_wall_s"] = walls
     (runs / "eval.json").write_text(json.dumps(result, indent=2))
     return result

@@ -150,3 +150,14 @@ def test_install_replaces_parts_and_the_student_keeps_its_teacher(world_like_mod
     adapter_export = ladd.run(_config(model, "adapter", eval_prompts=0, steps=1), tmp_path / "adapter")
     ladd.install(adapter_export, model, "adapter")
     assert load_model(model).adapter is not None
+
+
+def test_decoder_lora_targets_reach_the_up_block_resnets_and_reload(world_like_model, tmp_path):
+    out = ladd.run(_config(world_like_model, "adapter", steps=1, lora_targets="decoder", eval_prompts=0), tmp_path / "run")
+    parts = load_model(out)
+    base = dict(load_model(world_like_model).unet.named_parameters())
+    changed = [n for n, p in parts.unet.named_parameters() if not torch.equal(p, base[n])]
+    assert any("resnets" in n and "conv" in n for n in changed) and any("attn" in n for n in changed)
+    assert all(n.startswith("up_blocks") for n in changed), "only the decoder may change"
+    with pytest.raises(ValueError, match="lora_targets"):
+        ladd.run(_config(world_like_model, "adapter", lora_targets="everything"), tmp_path / "bad")
