@@ -161,3 +161,15 @@ def test_decoder_lora_targets_reach_the_up_block_resnets_and_reload(world_like_m
     assert all(n.startswith("up_blocks") for n in changed), "only the decoder may change"
     with pytest.raises(ValueError, match="lora_targets"):
         ladd.run(_config(world_like_model, "adapter", lora_targets="everything"), tmp_path / "bad")
+
+
+def test_mid_only_student_keeps_the_teachers_resnets_and_reads_text_only_in_the_mid_block(world_like_model, tmp_path):
+    out = ladd.run(_config(world_like_model, "student", steps=1, student_text_blocks="mid", eval_prompts=0), tmp_path / "run")
+    student = load_model(out).unet
+    assert not any(getattr(b, "has_cross_attention", False) for b in (*student.down_blocks, *student.up_blocks))
+    assert student.mid_block.has_cross_attention
+    teacher = load_teacher_unet(out)
+    assert any(getattr(b, "has_cross_attention", False) for b in teacher.down_blocks)
+    # The exported student serves: one step through the pipeline gives images.
+    images = RagTurboPipeline.from_pretrained(out)(["a red circle on the left"], [0], mode="off").images
+    assert images.shape[0] == 1
