@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 ARRAYS = ("text_emb", "z0", "h_retr")
 TEXT_FILES = ("captions.json", "source_ids.json")
 SEARCHER_DIR = "searcher"
+DIRECT_GATHER_MAX = 64
+"""Up to this many ids a gather indexes the memory map directly: a request's few rows cost
+the same in any order, and sorting them first (np.unique) took 5x as long as the read."""
 
 
 class IndexLoadError(ValueError):
@@ -136,6 +139,8 @@ def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
     n = array.shape[0]
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise IndexError(f"ids must be in [0, {n}), got range [{ids.min()}, {ids.max()}]")
+    if ids.size <= DIRECT_GATHER_MAX:
+        return np.asarray(array[ids.reshape(-1)]).reshape(*ids.shape, *array.shape[1:])
     # Sorted unique reads touch each page once and in file order; the result is then
     # scattered back to the requested layout.
     unique, inverse = np.unique(ids, return_inverse=True)

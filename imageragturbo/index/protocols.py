@@ -4,7 +4,10 @@ Shapes, not code, are the contract (DESIGN.md):
 
 - ``Searcher.search(q float32 [B, D], k) -> (ids int64 [B, k], scores float32 [B, k])``, with q
   L2-normalised and scores dot products (higher is nearer). A lexical searcher ignores q and
-  reads ``texts``; the others ignore ``texts``.
+  reads ``texts``; the others ignore ``texts``. A searcher may set ``exact_cosine_scores =
+  True`` when its scores are exact cosines between q and the returned rows' text embeddings
+  (exact search over unit keys); the pipeline then takes the gate lambda from the scores
+  instead of gathering the embeddings. Absent means False.
 - ``FeatureStore`` rows are precomputed once when the database is built: the text embedding
   ``e`` (L2-normalised, float [Dq]), the retrieved H-feature ``h_retr`` (the UNet encoder's
   mid-block output for the clean latent at t = 0 with its own caption, float [C, h, w]) and the

@@ -219,9 +219,15 @@ class RagTurboPipeline:
                 db = self.databases[database or next(iter(self.databases))]
                 k_search = 1 if mode == "inject" else k
                 ids, scores = db.searcher.search(encoded.q.cpu().numpy(), k_search, texts=prompts)
-                e_retr = torch.from_numpy(np.asarray(db.store.text_embeddings(ids), dtype=np.float32))
-                lam = retrieval_gate(encoded.q.cpu(), e_retr)
-                h_retr = torch.from_numpy(np.asarray(db.store.h_features(ids))).to(device, ctx.dtype)
+                if getattr(db.searcher, "exact_cosine_scores", False):
+                    # q and the keys are unit vectors, so the scores already are the cosines
+                    # that retrieval_gate averages: no gather of e_retr, no torch ops.
+                    lam = torch.from_numpy(scores.sum(axis=1, dtype=np.float32) / np.float32(scores.shape[1]))
+                else:
+                    e_retr = torch.from_numpy(np.asarray(db.store.text_embeddings(ids), dtype=np.float32))
+                    lam = retrieval_gate(encoded.q.cpu(), e_retr)
+                # float16 -> float32 in numpy: one pass over k rows, cheaper than a torch cast.
+                h_retr = torch.from_numpy(np.asarray(db.store.h_features(ids), dtype=np.float32)).to(device, ctx.dtype)
                 neighbors = [
                     [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
                     for srow, crow, xrow in zip(db.store.source_ids(ids), db.store.captions(ids), scores)

@@ -10,6 +10,7 @@ from imageragturbo.index.searchers import (
     ScannSpec,
     build_searcher,
     resolve_kind,
+    top_k,
 )
 
 
@@ -112,3 +113,55 @@ def test_auto_kind_and_build_searcher(data, tmp_path):
     entry = build_searcher("scann", x, [], tmp_path / "s")
     assert entry["kind"] == "scann" and entry["params"]["mode"] == "brute_force"
     assert (tmp_path / "s" / "scann_assets.pbtxt").is_file()
+
+
+def _sorted_reference(scores, k):
+    """Score descending, then id ascending: the order every searcher promises."""
+    ids = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    return np.lexsort((ids, -scores), axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 17, 40, 300])
+def test_top_k_breaks_ties_by_id_on_both_paths(k):
+    rng = np.random.default_rng(k)
+    tied = rng.integers(0, 5, (3, 300)).astype(np.float32)  # many ties, also at the k-th place
+    for scores in (tied, rng.standard_normal((3, 300)).astype(np.float32)):
+        ids, top = top_k(scores, k)
+        expected = _sorted_reference(scores, k)
+        np.testing.assert_array_equal(ids, expected)
+        np.testing.assert_array_equal(top, np.take_along_axis(scores, expected, axis=1))
+        assert ids.dtype == np.int64 and top.dtype == np.float32
+
+
+def test_exact_search_is_exact_and_the_same_alone_or_batched(data):
+    x, q = data
+    searcher = ExactSearcher(x)
+    ids, scores = searcher.search(q, 10)
+    np.testing.assert_array_equal(ids, _sorted_reference(q @ x.T, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, ids, axis=1), atol=1e-6)
+    for i in (0, 17, 49):
+        single_ids, single_scores = searcher.search(q[i : i + 1], 10)
+        np.testing.assert_array_equal(single_ids[0], ids[i])
+        np.testing.assert_array_equal(single_scores[0], scores[i])  # bit for bit
+
+
+def test_exact_cosine_scores_only_where_the_scores_are_exact_cosines(data, tmp_path):
+    x, q = data
+    exact = ExactSearcher(x)
+    assert exact.exact_cosine_scores
+    ids, scores = exact.search(q, 4)
+    # The mean of a row is the gate lambda: the mean cosine between q and its neighbours.
+    cosines = np.einsum("bd,bkd->bk", q, x[ids]) / np.linalg.norm(x[ids], axis=-1)
+    np.testing.assert_allclose(scores, cosines, atol=1e-6)
+    assert not ExactSearcher(x * 2).exact_cosine_scores  # dot products, not cosines
+    assert not ExactSearcher(x.astype(np.float16)).exact_cosine_scores  # norms off by ~1e-4
+
+    brute = ScannSearcher.build(x, ScannSpec.for_size(len(x)))
+    tree = ScannSearcher.build(x, ScannSpec.for_size(len(x), mode="tree_ah", num_leaves_to_search=10, reorder=50))
+    assert brute.exact_cosine_scores and tree.exact_cosine_scores
+    for searcher in (brute, tree):
+        ids, scores = searcher.search(q, 4)
+        np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", q, x[ids]), atol=1e-5)
+    int8 = ScannSpec.for_size(len(x), mode="tree_ah", num_leaves_to_search=10, reorder=50, reorder_dtype="int8")
+    assert not ScannSearcher.build(x, int8).exact_cosine_scores
+    assert not Bm25Searcher.exact_cosine_scores

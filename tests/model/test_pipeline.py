@@ -103,6 +103,29 @@ def test_result_fields(v_pipe):
     assert off.neighbors == [[]] and off.lam is None and off.timings_ms["retrieve"] == 0
 
 
+class _ScoresOnly:
+    """The same searcher, claiming nothing about its scores: the pipeline must then gather the
+    neighbours' text embeddings and compute the gate with ``retrieval_gate``."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+
+    def search(self, q, k, texts=None):
+        return self.searcher.search(q, k, texts)
+
+
+def test_gate_from_exact_search_scores_equals_the_gathered_gate(v_pipe):
+    db = v_pipe.databases["db"]
+    assert db.searcher.exact_cosine_scores  # unit keys: the fast path is taken
+    gathered = RagTurboPipeline(v_pipe.components, [RetrievalDatabase("db", _ScoresOnly(db.searcher), db.store)])
+    fast = v_pipe(PROMPTS, [1, 2, 3], mode="adapter", k=3)
+    slow = gathered(PROMPTS, [1, 2, 3], mode="adapter", k=3)
+    assert fast.lam.dtype == slow.lam.dtype == torch.float32
+    torch.testing.assert_close(fast.lam, slow.lam, atol=1e-6, rtol=0)
+    assert (fast.latents - slow.latents).abs().max().item() <= 1e-5
+    assert [[n.id for n in row] for row in fast.neighbors] == [[n.id for n in row] for row in slow.neighbors]
+
+
 def test_exact_caption_is_retrieved_first(v_pipe):
     result = v_pipe(["two blue squares"], [0], mode="adapter", k=2)
     assert result.neighbors[0][0].caption == "two blue squares"
