@@ -69,3 +69,19 @@ def test_save_and_reload_gives_identical_output(tmp_path):
     lam = torch.tensor([0.7, 0.2])
     with torch.no_grad():
         assert torch.equal(adapter.eval()(h_tgt, h_retr, lam), loaded.eval()(h_tgt, h_retr, lam))
+
+
+def test_cached_position_embedding_serves_inference_then_training():
+    torch.manual_seed(0)
+    adapter = HSpaceAdapter(channels=64, num_heads=4)
+    torch.nn.init.normal_(adapter.proj_out.weight, std=0.1)
+    h_tgt, h_retr = _inputs()
+    lam = torch.tensor([0.9, 0.4])
+    with torch.inference_mode():
+        first = adapter(h_tgt, h_retr, lam)  # fills the cache inside inference mode
+    assert adapter._pos(4, 4, h_tgt) is adapter._pos(4, 4, h_tgt)
+    assert not any("pos" in name for name in adapter.state_dict())
+    h = h_tgt.clone().requires_grad_(True)
+    again = adapter(h, h_retr, lam)
+    again.sum().backward()  # a cached inference tensor would refuse this
+    assert torch.equal(again.detach(), first) and h.grad.abs().sum() > 0
