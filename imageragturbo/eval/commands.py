@@ -1,4 +1,5 @@
-"""`imageragturbo eval fidelity | table`: the shapes world's prompt-fidelity benchmarks."""
+"""`imageragturbo eval fidelity | table | leverage`: the shapes world's prompt-fidelity benchmarks, and
+where a UNet's output comes from."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def register(sub, group) -> None:
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(handler=_table)
+    p = evals.add_parser("leverage", help="how much of the one-step output the H-space, the skips and the decoder's text carry")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: IRT_MODEL or the bundled model)")
+    p.add_argument("--n", type=int, default=64, help="test-seen prompts")
+    p.add_argument("--timesteps", default="999,749,499", help="comma-separated timesteps")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.set_defaults(handler=_leverage)
 
 
 def _open(args, base_only: bool = False):
@@ -79,4 +86,31 @@ def _table(args) -> int:
     report = fidelity_table(pipe, teacher, args.out, n=args.n, k=args.k, database=args.database,
                             model_label=str(model_dir), base_pipe=base_pipe)
     print(f"wrote {args.out / 'fidelity.md'} ({len(report['results'])} rows x splits)")
+    return 0
+
+
+def _leverage(args) -> int:
+    from imageragturbo.cli import CliError, default_model_dir
+    from imageragturbo.eval.leverage import leverage_markdown, measure_leverage
+    from imageragturbo.model.loading import load_model, load_teacher_unet
+    from imageragturbo.model.text import PromptEncoder
+    from imageragturbo.world.splits import eval_prompts
+
+    model_dir = args.model or default_model_dir()
+    try:
+        timesteps = [int(t) for t in args.timesteps.split(",")]
+        # The bare one-step UNet (no LoRA): what the method's adapter has to steer.
+        parts = load_model(model_dir, base_only=True)
+        unets = {"student (unet/)": parts.unet}
+        if (Path(model_dir) / "teacher").is_dir():
+            unets["teacher (teacher/)"] = load_teacher_unet(model_dir).float().eval()
+        encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+        prompts = [p for p, _ in eval_prompts("test-seen", args.n)]
+        rows = [measure_leverage(u, encoder, prompts, t, name=name) for name, u in unets.items() for t in timesteps]
+    except ValueError as exc:
+        raise CliError(f"{model_dir}: {exc}") from exc
+    print(leverage_markdown(rows, str(model_dir)), end="")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(model_dir), "rows": [r.as_dict() for r in rows]}, indent=2))
     return 0

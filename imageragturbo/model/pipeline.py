@@ -331,7 +331,7 @@ def open_pipeline(
     ``IndexLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves out
     the adapter and the decoder LoRA: the plain one-step model.
     """
-    from imageragturbo.index.disk import load_database, parse_index_spec
+    from imageragturbo.index.disk import IndexLoadError, load_database, parse_index_spec
 
     model_dir = Path(model_dir)
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only)
@@ -340,5 +340,10 @@ def open_pipeline(
         indexes = [f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else []
     for spec in indexes:
         name, path = parse_index_spec(spec)
-        pipe.add_database(load_database(name, path, verify=verify_index, model_id=pipe.components.model_id))
+        try:
+            database = load_database(name, path, verify=verify_index, model_id=pipe.components.model_id)
+        except (IndexLoadError, OSError) as exc:
+            # Name the database too: with several --index flags the folder alone is ambiguous.
+            raise IndexLoadError(f"cannot load index {name!r} from {path}: {exc}") from exc
+        pipe.add_database(database)
     return pipe

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 import anyio
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -75,14 +76,28 @@ class GenerationService:
         self.metrics = ServiceMetrics(
             model=model_name, engine=engine, index=index or "none", queue_depth=lambda: self.batcher.queue_depth
         )
+        self.worker_threads: int | None = None
+        """torch's intra-op threads as the worker thread sees them (set once the worker runs)."""
         self.batcher = MicroBatcher(
             pipeline_runner(pipe),
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             max_queue=settings.max_queue,
-            warmup=self._warmup if settings.warmup else None,
+            warmup=self._prepare_worker,
             on_batch=self.metrics.observe_batch,
         )
+
+    def _prepare_worker(self) -> None:
+        """Runs first in the worker thread, before /readyz turns ready: the intra-op thread
+        count, then the warm-up."""
+        if self.settings.threads is not None:
+            # Set from the thread that runs the model: OpenMP's thread count is a per-thread
+            # setting (torch also records it process-wide for threads it starts later).
+            torch.set_num_threads(self.settings.threads)
+        self.worker_threads = torch.get_num_threads()
+        logger.info("worker: %d intra-op thread(s)", self.worker_threads)
+        if self.settings.warmup:
+            self._warmup()
 
     def _warmup(self) -> None:
         """One generation per servable mode, so the first user request pays no lazy initialisation."""
@@ -364,6 +379,7 @@ def create_app(
             "modes": service.available_modes,
             "default_mode": service.default_mode,
             "databases": {name: len(db.store) for name, db in pipe.databases.items()},
+            "threads": service.worker_threads,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

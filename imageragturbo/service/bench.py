@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -60,6 +61,10 @@ class LevelResult:
     pipeline_p50_ms: float
     queue_wait_p50_ms: float
     mean_batch_size: float
+    overhead_p50_ms: float
+    """p50 over requests of (HTTP latency - that request's pipeline stages): at concurrency 1 the
+    server overhead, paired per request so that the pipeline's own spread cancels."""
+    overhead_p90_ms: float
 
 
 @dataclass
@@ -71,7 +76,12 @@ class ServiceBenchResult:
     request: dict
     levels: list[LevelResult] = field(default_factory=list)
     overhead_p50_ms: float | None = None
+    """HTTP p50 minus pipeline p50 at concurrency 1 (the issue's measure)."""
+    overhead_per_request_p50_ms: float | None = None
+    """p50 of the per-request overhead at concurrency 1 (LevelResult.overhead_p50_ms)."""
     speedup_c8_over_c1: float | None = None
+    conditions: dict = field(default_factory=dict)
+    """What else held the machine: load average and niceness at the end of the run."""
 
 
 def free_port() -> int:
@@ -179,6 +189,7 @@ def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str,
         batch_sum1, batch_count1 = _batch_totals(probe, url)
     batches = batch_count1 - batch_count0
     lat = np.asarray(latencies_ms) if latencies_ms else np.asarray([np.nan])
+    overhead = lat - np.asarray(pipeline_ms) if pipeline_ms else np.asarray([np.nan])
     return LevelResult(
         concurrency=concurrency,
         n=n,
@@ -192,6 +203,8 @@ def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str,
         pipeline_p50_ms=round(float(np.percentile(pipeline_ms, 50)), 3) if pipeline_ms else float("nan"),
         queue_wait_p50_ms=round(float(np.percentile(queue_ms, 50)), 3) if queue_ms else float("nan"),
         mean_batch_size=round((batch_sum1 - batch_sum0) / batches, 2) if batches else float("nan"),
+        overhead_p50_ms=round(float(np.percentile(overhead, 50)), 3),
+        overhead_p90_ms=round(float(np.percentile(overhead, 90)), 3),
     )
 
 
@@ -213,13 +226,68 @@ def machine_info() -> dict:
     }
 
 
-def start_server(model: Path, indexes: list[str], extra_env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def cpu_snapshot() -> tuple[float, dict[int, tuple[int, int]]]:
+    """(monotonic time, {pid: (nice, user+system clock ticks)}) of every process, from /proc
+    (empty where there is no /proc)."""
+    now = time.monotonic()
+    processes: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # Fields after the parenthesised command name: state is [0], utime [11], stime [12], nice [16].
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            processes[int(entry.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+        except (OSError, ValueError, IndexError):
+            continue  # gone since the listing, or not a process
+    return now, processes
+
+
+def other_busy_processes(start: tuple[float, dict], end: tuple[float, dict], exclude: set[int]) -> list[dict]:
+    """Processes other than ``exclude`` that used >= 10% of a core between two snapshots: their
+    niceness and CPU share (what the server competed with)."""
+    (t0, before), (t1, after) = start, end
+    ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = []
+    for pid, (nice, ticks) in after.items():
+        if pid in exclude or pid not in before or t1 <= t0:
+            continue
+        share = (ticks - before[pid][1]) / ticks_per_s / (t1 - t0)
+        if share >= 0.1:
+            busy.append({"pid": pid, "nice": nice, "cpu_pct": round(100 * share, 1)})
+    return sorted(busy, key=lambda p: -p["cpu_pct"])
+
+
+def run_conditions(server_pid: int | None = None, start_snapshot: tuple[float, dict] | None = None) -> dict:
+    """Load average, scheduling priorities and the other busy processes at the end of a run: on
+    a shared machine other jobs (and their niceness relative to ours) decide much of a latency."""
+    conditions: dict = {"load_avg_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    if start_snapshot is not None:
+        own = {os.getpid()} | ({server_pid} if server_pid is not None else set())
+        conditions["other_busy"] = other_busy_processes(start_snapshot, cpu_snapshot(), own)
+    for who, pid in (("client", 0), ("server", server_pid)):
+        if pid is None:
+            continue
+        try:
+            conditions[f"nice_{who}"] = os.getpriority(os.PRIO_PROCESS, pid)
+        except OSError:  # the server already exited
+            pass
+    return conditions
+
+
+def start_server(
+    model: Path,
+    indexes: list[str],
+    extra_env: dict[str, str],
+    log_path: Path,
+    serve_args: Sequence[str] = (),
+) -> tuple[subprocess.Popen, str]:
     """`imageragturbo serve` on 127.0.0.1 and a free port, in its own process (so the client's
-    threads and the server never share an interpreter lock)."""
+    threads and the server never share an interpreter lock). ``serve_args`` are more serve flags
+    (``--engine``, ``--engine-dir``, ``--threads``)."""
     port = free_port()
     command = [sys.executable, "-m", "imageragturbo.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     for spec in indexes:
         command += ["--index", spec]
+    command += list(serve_args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **extra_env})
@@ -244,25 +312,29 @@ def run_bench(
     body: dict,
     headers: dict[str, str],
     warmup: int = 20,
+    server_pid: int | None = None,
 ) -> ServiceBenchResult:
     info = wait_ready(url, timeout_s=10.0)
     with httpx.Client(timeout=120.0, headers=headers) as client:
         for i in range(warmup):
             client.post(f"{url}/generate", json={**body, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
+    start_snapshot = cpu_snapshot()
     result = ServiceBenchResult(
         model=model_label,
         url=url,
         machine=machine_info(),
-        server={key: info.get(key) for key in ("model", "engine", "modes", "default_mode", "databases")},
+        server={key: info.get(key) for key in ("model", "engine", "threads", "modes", "default_mode", "databases")},
         request=body,
     )
     for concurrency in concurrencies:
         level = run_level(url, concurrency, n, body, headers)
         logger.info("concurrency %d: %s", concurrency, level)
         result.levels.append(level)
+    result.conditions = run_conditions(server_pid, start_snapshot)
     by_c = {level.concurrency: level for level in result.levels}
     if 1 in by_c:
         result.overhead_p50_ms = round(by_c[1].p50_ms - by_c[1].pipeline_p50_ms, 3)
+        result.overhead_per_request_p50_ms = by_c[1].overhead_p50_ms
     if 1 in by_c and 8 in by_c and by_c[1].throughput_rps > 0:
         result.speedup_c8_over_c1 = round(by_c[8].throughput_rps / by_c[1].throughput_rps, 2)
     return result
@@ -273,7 +345,9 @@ def render_markdown(result: ServiceBenchResult, settings_note: str) -> str:
         f"### {result.model}",
         "",
         f"Machine: {result.machine['cpu']}, {result.machine['cores']} cores (shared with other jobs; load "
-        f"average at start {result.machine['load_avg_at_start']}). Server: {settings_note}; modes "
+        f"average at start {result.machine['load_avg_at_start']}, at end "
+        f"{result.conditions.get('load_avg_at_end')}; {_niceness(result.conditions)}). Server: {settings_note}; engine "
+        f"{result.server.get('engine')} with {result.server.get('threads')} intra-op thread(s); modes "
         f"{result.server.get('modes')}, default {result.server.get('default_mode')}; databases "
         f"{result.server.get('databases')}. Request body besides prompt and seed: `{json.dumps(result.request)}`.",
         "",
@@ -289,10 +363,25 @@ def render_markdown(result: ServiceBenchResult, settings_note: str) -> str:
     lines.append("")
     if result.overhead_p50_ms is not None:
         lines.append(f"- Server overhead at concurrency 1 (HTTP p50 − pipeline p50): **{result.overhead_p50_ms:.2f} ms**.")
+        c1 = next(level for level in result.levels if level.concurrency == 1)
+        lines.append(
+            f"- Per-request server overhead at concurrency 1 (p50 over requests of HTTP time − that request's "
+            f"pipeline time): **{c1.overhead_p50_ms:.2f} ms** (p90 {c1.overhead_p90_ms:.2f} ms)."
+        )
     if result.speedup_c8_over_c1 is not None:
         lines.append(f"- Throughput at concurrency 8 / concurrency 1: **{result.speedup_c8_over_c1:.2f}×**.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _niceness(conditions: dict) -> str:
+    nice = [f"{who} {conditions[f'nice_{who}']}" for who in ("client", "server") if f"nice_{who}" in conditions]
+    text = "nice at end: " + ", ".join(nice) if nice else "niceness not recorded"
+    if "other_busy" in conditions:
+        others = conditions["other_busy"]
+        listed = ", ".join(f"{p['cpu_pct']:.0f}% at nice {p['nice']}" for p in others)
+        text += f"; other processes over 10% of a core during the run: {listed or 'none'}"
+    return text
 
 
 def update_markdown(path: Path, section_id: str, section: str, preamble: str) -> None:

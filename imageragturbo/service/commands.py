@@ -54,6 +54,13 @@ def register(sub, group) -> None:
     p.add_argument("--max-queue", type=int, default=None, help="IRT_MAX_QUEUE (default 64)")
     p.add_argument("--timeout-s", type=float, default=None, help="IRT_TIMEOUT_S (default 60)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="IRT_MAX_BODY_BYTES (default 16384)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="IRT_THREADS: intra-op threads of the worker's engine, torch and onnxruntime (default: usable "
+        "CPUs - 1, at least 1, so one core stays free for the HTTP event loop)",
+    )
     p.set_defaults(handler=_serve)
 
     bench = group("bench", "benchmarks")
@@ -61,7 +68,18 @@ def register(sub, group) -> None:
     b.add_argument("--url", default=None, help="an already running server (default: start one on a free loopback port)")
     b.add_argument("--model", type=Path, default=None, help="model for the server the bench starts (default: as serve)")
     b.add_argument("--index", action="append", default=[], metavar="NAME=DIR", help="as for serve")
-    b.add_argument("--label", default=None, help="model name in the results (default: the model folder's name)")
+    b.add_argument(
+        "--engine", choices=ENGINES, default=None, help="serve --engine for the server the bench starts (default: torch)"
+    )
+    b.add_argument("--engine-dir", type=Path, default=None, help="serve --engine-dir for the server the bench starts")
+    b.add_argument(
+        "--threads", type=int, default=None, help="serve --threads for the server the bench starts (default: serve's)"
+    )
+    b.add_argument(
+        "--label",
+        default=None,
+        help="model name in the results (default: the model folder's name, plus the engine when it is not torch)",
+    )
     b.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     b.add_argument("--n", type=int, default=300, help="requests per concurrency level")
     b.add_argument("--warmup", type=int, default=20, help="requests sent before measuring")
@@ -83,34 +101,13 @@ def _settings(args):
         "max_queue": args.max_queue,
         "timeout_s": args.timeout_s,
         "max_body_bytes": args.max_body_bytes,
+        "threads": args.threads,
     }
     try:
         return ServiceSettings(**{name: value for name, value in flags.items() if value is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise CliError(f"bad server settings (flags or IRT_* variables): {problems}") from exc
-
-
-def _load_databases(model_dir: Path, specs: list[str]) -> list:
-    if not specs and not (model_dir / "index").is_dir():
-        return []
-    try:
-        from imageragturbo.index.disk import load_database, parse_index_spec
-    except ImportError as exc:
-        raise CliError(f"cannot load an index: imageragturbo.index.disk is not available ({exc})") from exc
-    try:
-        parsed = [parse_index_spec(spec) for spec in specs] if specs else [(DEFAULT_INDEX_NAME, model_dir / "index")]
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    databases = []
-    for name, path in parsed:
-        try:
-            # Checksums are not recomputed at every start (seconds per GB); `imageragturbo
-            # check-index` does that. The model identity is still checked when it is added.
-            databases.append(load_database(name, path, verify=False))
-        except (OSError, ValueError) as exc:
-            raise CliError(f"cannot load index {name!r} from {path}: {exc}") from exc
-    return databases
 
 
 def _serve(args) -> int:
@@ -121,15 +118,21 @@ def _serve(args) -> int:
             f"model directory not found: {model_dir} (train the bundled model with `make world`, "
             "or pass --model DIR / set IRT_MODEL)"
         )
+    from imageragturbo.service.settings import default_worker_threads, usable_cpus
 
-    from imageragturbo.model import ModelLoadError, RagTurboPipeline
+    if settings.threads is None:
+        settings = settings.model_copy(update={"threads": default_worker_threads()})
+
+    from imageragturbo.model import ModelLoadError
+    from imageragturbo.model.pipeline import open_pipeline
     from imageragturbo.service.app import create_app, run_server
 
-    databases = _load_databases(model_dir, args.index)
+    default_index = model_dir / "index"
+    indexes = args.index or ([f"{DEFAULT_INDEX_NAME}={default_index}"] if default_index.is_dir() else [])
     try:
-        pipe = RagTurboPipeline.from_pretrained(
-            model_dir, adapter_dir=args.adapter, lora_dir=args.lora, databases=databases
-        )
+        # Index checksums are not recomputed at every start (seconds per GB; `imageragturbo
+        # check-index` does that); each index's model identity is checked against the model.
+        pipe = open_pipeline(model_dir, indexes=indexes, adapter_dir=args.adapter, lora_dir=args.lora)
     except (ModelLoadError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     if args.engine != "torch":
@@ -137,20 +140,39 @@ def _serve(args) -> int:
         # An engine that cannot load is an error here, never a silent fall-back to torch.
         from imageragturbo.engines import EngineLoadError, load_pipeline_engines
 
+        options = {"threads": settings.threads} if args.engine == "onnxruntime" else {}
         try:
-            pipe.use_engines(load_pipeline_engines(args.engine, args.engine_dir, pipe.components))
+            pipe.use_engines(load_pipeline_engines(args.engine, args.engine_dir, pipe.components, **options))
         except (EngineLoadError, ValueError) as exc:
             raise CliError(f"cannot load the {args.engine} engine: {exc}") from exc
     app = create_app(pipe, settings, model_name=model_dir.name, engine=args.engine)
     service = app.state.service
     print(
-        f"serving {model_dir} on http://{args.host}:{args.port} (engine {args.engine}; modes "
-        f"{', '.join(service.available_modes)}, default {service.default_mode}; databases "
-        f"{', '.join(service.database_names) or 'none'})",
+        f"serving {model_dir} on http://{args.host}:{args.port} (engine {args.engine}, {settings.threads} "
+        f"intra-op thread(s) of {usable_cpus()} usable CPUs; modes {', '.join(service.available_modes)}, default "
+        f"{service.default_mode}; databases {', '.join(service.database_names) or 'none'})",
         file=sys.stderr,
     )
     run_server(app, host=args.host, port=args.port, settings=settings, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _serve_args_for_bench(args) -> list[str]:
+    """The serve flags that configure the server the bench starts (refused with --url: that
+    server is configured already)."""
+    given = {"--engine": args.engine, "--engine-dir": args.engine_dir, "--threads": args.threads}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if args.url is not None and given:
+        raise CliError(
+            f"{', '.join(given)} configure the server the bench starts; with --url the server is already running "
+            "(start it with these flags instead)"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
+    serve_args = []
+    for flag, value in given.items():
+        serve_args += [flag, str(value)]
+    return serve_args
 
 
 def _bench_service(args) -> int:
@@ -171,12 +193,15 @@ def _bench_service(args) -> int:
 
     process = None
     model_dir = args.model or default_model_dir()
+    serve_args = _serve_args_for_bench(args)
     label = args.label or (model_dir.name if args.url is None else args.url)
+    if args.label is None and args.engine not in (None, "torch"):
+        label += f" ({args.engine})"
     if args.url is None:
         if not model_dir.is_dir():
             raise CliError(f"model directory not found: {model_dir} (pass --model DIR or --url URL)")
         log_path = args.json.with_suffix(".server.log")
-        process, url = bench.start_server(model_dir, args.index, {}, log_path)
+        process, url = bench.start_server(model_dir, args.index, {}, log_path, serve_args)
         try:
             bench.wait_ready(url, timeout_s=300.0, process=process)
         except RuntimeError as exc:
@@ -186,7 +211,14 @@ def _bench_service(args) -> int:
         url = args.url.rstrip("/")
     try:
         result = bench.run_bench(
-            url, model_label=label, concurrencies=concurrencies, n=args.n, body=body, headers=headers, warmup=args.warmup
+            url,
+            model_label=label,
+            concurrencies=concurrencies,
+            n=args.n,
+            body=body,
+            headers=headers,
+            warmup=args.warmup,
+            server_pid=process.pid if process is not None else None,
         )
     except (RuntimeError, OSError) as exc:
         raise CliError(str(exc)) from exc
@@ -209,6 +241,7 @@ def _bench_service(args) -> int:
     for flag, value in (("--url", args.url), ("--model", args.model), ("--mode", args.mode), ("--label", args.label)):
         if value is not None:
             command += f" {flag} {shlex.quote(str(value))}"
+    command += "".join(f" {shlex.quote(part)}" for part in serve_args)
     command += "".join(f" --index {shlex.quote(spec)}" for spec in args.index) + f" --steps {args.steps} --json {args.json}"
     section = bench.render_markdown(result, note) + f"\nCommand: `{command}`\n\n"
     bench.update_markdown(args.md, label, section, RESULTS_PREAMBLE)
@@ -219,7 +252,7 @@ def _bench_service(args) -> int:
             f"errors {level.errors or 0}"
         )
     print(
-        f"overhead p50 {result.overhead_p50_ms} ms; c8/c1 {result.speedup_c8_over_c1}x; wrote {args.json} and {args.md}",
+        f"overhead p50 {result.overhead_p50_ms} ms (per request {result.overhead_per_request_p50_ms} ms); c8/c1 {result.speedup_c8_over_c1}x; wrote {args.json} and {args.md}",
         file=sys.stderr,
     )
     return 0

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import ServerThread
@@ -307,3 +308,35 @@ def test_openapi_documents_the_error_statuses(server):
     operation = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/generate"]["post"]
     assert {"200", "401", "404", "413", "422", "429", "500", "503", "504"} <= set(operation["responses"])
     assert set(operation["responses"]["200"]["content"]) == {"application/json", "image/png"}
+
+
+class ThreadCountingPipe:
+    """Wraps a pipeline and records torch's intra-op thread count inside each call (the worker's)."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self.seen: list[tuple[str, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, prompts, seeds, **kwargs):
+        self.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return self._pipe(prompts, seeds, **kwargs)
+
+
+def test_threads_setting_reaches_the_worker_and_readyz(bare_pipe):
+    counting = ThreadCountingPipe(bare_pipe)
+    before = torch.get_num_threads()
+    try:
+        with ServerThread(create_app(counting, ServiceSettings(threads=2), model_name="bare")) as running:
+            assert httpx.get(f"{running.url}/readyz").json()["threads"] == 2
+            assert httpx.post(f"{running.url}/generate", json={"prompt": "a red circle"}, timeout=60).status_code == 200
+        assert counting.seen and set(counting.seen) == {("irt-worker", 2)}  # warm-up and the request
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_unset_leaves_the_process_setting_alone(bare_pipe):
+    with ServerThread(create_app(bare_pipe, ServiceSettings(), model_name="bare")) as running:
+        assert httpx.get(f"{running.url}/readyz").json()["threads"] == torch.get_num_threads()
