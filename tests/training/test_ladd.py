@@ -173,3 +173,9 @@ def test_mid_only_student_keeps_the_teachers_resnets_and_reads_text_only_in_the_
     # The exported student serves: one step through the pipeline gives images.
     images = RagTurboPipeline.from_pretrained(out)(["a red circle on the left"], [0], mode="off").images
     assert images.shape[0] == 1
+
+
+@pytest.mark.parametrize("path", sorted(ladd.CONFIG_DIR.glob("ladd_*.json")), ids=lambda p: p.name)
+def test_every_shipped_ladd_config_loads(path):
+    config = ladd.load_config(path)  # unknown keys and bad types raise
+    assert config.mode in path.name
