@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imageragturbo.eval.machine import describe_machine
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
 from imageragturbo.model.sampling import sample_multistep
 from imageragturbo.world.verifier import CATEGORIES, BenchmarkResult, aggregate, verify
@@ -177,12 +177,6 @@ def save_grid(images: np.ndarray, captions: list[str], path: Path, title: str, c
     plt.close(fig)
 
 
-def machine_description() -> str:
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} (CPU)"
-
-
 PAPER_ROWS = (
     RowSpec("teacher 25-step (CFG 7.5)", "teacher", steps=25),
     # The paper's CFG 7.5 is Stable Diffusion's; the shapes-world teacher does best near 3.
@@ -225,7 +219,7 @@ def fidelity_table(
             results.append(res)
     report = {
         "model": model_label,
-        "machine": machine_description(),
+        "machine": describe_machine(("torch",), gpu=True).summary(),
         "n_per_split": n,
         "k": k,
         "skipped_rows": skipped,

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from imageragturbo.eval.machine import describe_machine, load_average
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +65,22 @@ class LatencyResult:
         return next((r for r in self.runs if r.engine == engine and r.mode == mode), None)
 
 
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else platform.processor() or "unknown"
-
-
 def machine_info(threads: int | None) -> dict:
     """What the numbers were measured on, including the load at the time (a shared machine)."""
-    import onnxruntime
-    import torch
-
-    info = {
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
+    m = describe_machine(("torch", "onnxruntime"), gpu=True)
+    return {
+        "cpu": m.cpu,
+        "logical_cores": m.logical_cores,
         "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "platform": m.platform,
+        "python": m.python,
+        "torch": m.versions["torch"],
+        "onnxruntime": m.versions["onnxruntime"],
+        "gpu": m.gpu,
+        "date": m.date,
+        "nice": m.nice,
+        "load_avg_1m_at_start": m.load_avg[0] if m.load_avg else None,
     }
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
-    return info
 
 
 def bench_prompts(n: int) -> list[tuple[str, int]]:
@@ -143,8 +130,8 @@ def run_latency_bench(
         for engine, mode in pairs
     ]
     info = dict(machine or machine_info(None))
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    load = load_average()
+    info["load_avg_1m_at_end"] = load[0] if load else None
     return LatencyResult(machine=info, runs=runs, protocol={"batch": 1, "warmup": warmup, "k": k, "interleaved": True})
 
 

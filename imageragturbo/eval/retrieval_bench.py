@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from imageragturbo.eval.machine import describe_machine, load_average, niceness
 
 logger = logging.getLogger(__name__)
 
@@ -436,29 +437,16 @@ def quantisation_effect(model_dir: Path, pairs: int = 64, prompts: int = 16) -> 
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for module in ("numpy", "scann", "faiss", "hnswlib"):
-        try:
-            versions[module] = getattr(__import__(module), "__version__", "installed")
-        except ImportError:
-            versions[module] = None
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    """This report's machine fields (results/retrieval.md reads them)."""
+    m = describe_machine(("numpy", "scann", "faiss", "hnswlib"))
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(mem, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "loadavg_start": os.getloadavg(),
+        "cpu": m.cpu,
+        "cores": m.logical_cores,
+        "ram_gib": m.ram_gib,
+        "python": m.python,
+        "platform": m.platform,
+        "versions": m.versions,
+        "loadavg_start": m.load_avg,
     }
 
 
@@ -517,9 +505,9 @@ def run_bench(args: argparse.Namespace, on_progress=None) -> dict:
 
     def summary(complete: bool) -> dict:
         fastest_peer = min((r["p50_ms"] for r in results if r["meets_target_recall"]), default=None)
-        info["loadavg_end"] = os.getloadavg()
+        info["loadavg_end"] = load_average()
         # Read now, not at start: the workplace may renice running jobs.
-        info["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+        info["nice"] = niceness()
         return {
             "complete": complete,
             "n": args.n,

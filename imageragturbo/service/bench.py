@@ -14,7 +14,6 @@ import http.client
 import json
 import logging
 import os
-import platform
 import re
 import signal
 import socket
@@ -31,6 +30,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from imageragturbo.eval.machine import describe_machine
 from imageragturbo.model.pipeline import STAGES
 
 logger = logging.getLogger(__name__)
@@ -209,20 +209,13 @@ def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str,
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    """This report's machine fields (results/service.md reads them)."""
+    m = describe_machine()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_avg_at_start": [round(x, 2) for x in load] if load else None,
+        "cpu": m.cpu,
+        "cores": m.logical_cores,
+        "python": m.python,
+        "load_avg_at_start": list(m.load_avg) if m.load_avg else None,
     }
 
 
