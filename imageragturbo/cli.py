@@ -62,13 +62,14 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     from PIL import Image
 
-    from imageragturbo.index.disk import load_database, parse_index_spec
-    from imageragturbo.model import ModelLoadError, RagTurboPipeline
+    from imageragturbo.model.pipeline import open_pipeline
 
     model_dir = args.model or default_model_dir()
     try:
-        pipe = RagTurboPipeline.from_pretrained(model_dir, adapter_dir=args.adapter, lora_dir=args.lora)
-    except ModelLoadError as exc:
+        # ModelLoadError and IndexLoadError are ValueErrors naming the file at fault.
+        pipe = open_pipeline(model_dir, indexes=args.index, adapter_dir=args.adapter, lora_dir=args.lora,
+                             verify_index=args.verify_index)
+    except ValueError as exc:
         raise CliError(str(exc)) from exc
     if args.engine != "torch":
         from imageragturbo.engines import EngineLoadError, load_pipeline_engines
@@ -77,13 +78,6 @@ def _generate(args) -> int:
             pipe.use_engines(load_pipeline_engines(args.engine, args.engine_dir, pipe.components))
         except (EngineLoadError, ValueError) as exc:
             raise CliError(str(exc)) from exc
-    specs = args.index if args.index is not None else ([f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else [])
-    try:
-        for spec in specs:
-            name, path = parse_index_spec(spec)
-            pipe.add_database(load_database(name, path, verify=args.verify_index, model_id=pipe.components.model_id))
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
     mode = args.mode
     if mode == "auto":
         mode = "adapter" if ("adapter" in pipe.denoisers and pipe.databases) else "off"

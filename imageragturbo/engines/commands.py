@@ -81,19 +81,18 @@ def _export(args) -> int:
 
 
 def _database(pipe, args, work: Path):
+    """The pipeline's database (``--index``, else ``<model>/index``, both opened by open_pipeline),
+    or, when the model has none, a temporary index of ``--db-size`` world pairs built here."""
     from imageragturbo.cli import CliError
     from imageragturbo.index.build import build_index
     from imageragturbo.index.disk import load_database, parse_index_spec
     from imageragturbo.index.pairs import WorldPairs
 
-    model_dir = Path(pipe.components.model_dir)
+    if pipe.databases:
+        path = parse_index_spec(args.index)[1] if args.index else Path(pipe.components.model_dir) / "index"
+        return next(iter(pipe.databases.values())), f"{path}"
+    path = work / "index"
     try:
-        if args.index:
-            name, path = parse_index_spec(args.index)
-            return load_database(name, path), f"{path}"
-        if (model_dir / "index").is_dir():
-            return load_database("index", model_dir / "index"), f"{model_dir / 'index'}"
-        path = work / "index"
         build_index(pipe, WorldPairs(args.db_size), path, progress=False)
         return load_database("world", path), f"a temporary index of {args.db_size} shapes-world database pairs"
     except ValueError as exc:
@@ -152,8 +151,9 @@ def _bench_latency(args) -> int:
         run_latency_bench,
         update_report,
     )
-    from imageragturbo.model import ModelLoadError, RagTurboPipeline, load_model
+    from imageragturbo.model import RagTurboPipeline
     from imageragturbo.model.denoiser import MODES
+    from imageragturbo.model.pipeline import open_pipeline
 
     engines, modes = _csv(args.engines), _csv(args.modes)
     for engine in engines:
@@ -167,16 +167,17 @@ def _bench_latency(args) -> int:
     torch.set_num_threads(args.threads)
     model_dir = args.model or default_model_dir()
     try:
-        components = load_model(model_dir, device=args.device)
-    except ModelLoadError as exc:
+        # ModelLoadError and IndexLoadError are ValueErrors naming the file at fault.
+        torch_pipe = open_pipeline(model_dir, indexes=[args.index] if args.index else None, device=args.device)
+    except ValueError as exc:
         raise CliError(str(exc)) from exc
+    components = torch_pipe.components
     if "adapter" in modes and components.adapter is None:
         raise CliError(f"mode 'adapter' needs a model with an adapter/ folder; {model_dir} has none")
     machine = machine_info(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="irt-latency-") as tmp:
         work = Path(tmp)
-        torch_pipe = RagTurboPipeline(components)
         database, database_desc = _database(torch_pipe, args, work)
         engine_dir = args.engine_dir or work / "onnx"
         compiled = [e for e in engines if e != "torch"]

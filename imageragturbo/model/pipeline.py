@@ -323,18 +323,20 @@ def open_pipeline(
     lora_dir: str | Path | None = None,
     verify_index: bool = False,
     base_only: bool = False,
+    device: str | torch.device = "cpu",
 ) -> RagTurboPipeline:
     """A model directory and its retrieval databases, as the CLI and the server open them.
 
     ``indexes`` are ``NAME=DIR`` (or ``DIR``) specs, the first being the default database;
     None means ``<model_dir>/index`` when that folder exists. Raises ``ModelLoadError`` or
     ``IndexLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves out
-    the adapter and the decoder LoRA: the plain one-step model.
+    the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the torch
+    modules run.
     """
     from imageragturbo.index.disk import IndexLoadError, load_database, parse_index_spec
 
     model_dir = Path(model_dir)
-    parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only)
+    parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)
     pipe = RagTurboPipeline(parts)
     if indexes is None:
         indexes = [f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else []
