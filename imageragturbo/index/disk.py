@@ -140,7 +140,7 @@ def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise IndexError(f"ids must be in [0, {n}), got range [{ids.min()}, {ids.max()}]")
     if ids.size <= DIRECT_GATHER_MAX:
-        return np.asarray(array[ids.reshape(-1)]).reshape(*ids.shape, *array.shape[1:])
+        return np.asarray(array).take(ids.reshape(-1), axis=0).reshape(*ids.shape, *array.shape[1:])
     # Sorted unique reads touch each page once and in file order; the result is then
     # scattered back to the requested layout.
     unique, inverse = np.unique(ids, return_inverse=True)
@@ -181,6 +181,9 @@ class MemmapFeatureStore:
             if array.shape[0] != self.count:
                 raise IndexLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
             self.arrays[name] = array
+        # Plain ndarray views of the same maps for gathering: indexing an np.memmap runs its
+        # Python-level subclass hooks on every request (more than half of a 4-row gather).
+        self._rows = {name: array.view(np.ndarray) for name, array in self.arrays.items()}
         self._captions = self._read_strings("captions.json")
         self._source_ids = self._read_strings("source_ids.json")
 
@@ -204,7 +207,7 @@ class MemmapFeatureStore:
         return self.arrays["text_emb"]
 
     def _gather(self, name: str, ids: np.ndarray) -> np.ndarray:
-        return gather_rows(self.arrays[name], ids)
+        return gather_rows(self._rows[name], ids)
 
     def text_embeddings(self, ids: np.ndarray) -> np.ndarray:
         """ids int64 [B, k] -> float32 [B, k, Dq]."""
@@ -219,10 +222,10 @@ class MemmapFeatureStore:
         return self._gather("z0", ids)
 
     def captions(self, ids: np.ndarray) -> list[list[str]]:
-        return [[self._captions[i] for i in row] for row in np.asarray(ids)]
+        return [[self._captions[i] for i in row] for row in np.asarray(ids).tolist()]
 
     def source_ids(self, ids: np.ndarray) -> list[list[str]]:
-        return [[self._source_ids[i] for i in row] for row in np.asarray(ids)]
+        return [[self._source_ids[i] for i in row] for row in np.asarray(ids).tolist()]
 
     def all_captions(self) -> list[str]:
         return list(self._captions)
