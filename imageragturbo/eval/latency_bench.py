@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.eval.machine import describe_machine, load_average
+from imageragturbo.eval.machine import describe_machine, load_average, niceness
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def run_latency_bench(
     info = dict(machine or machine_info(None))
     load = load_average()
     info["load_avg_1m_at_end"] = load[0] if load else None
+    # Read at the end too: the workplace may renice a running job.
+    info["nice_at_end"] = niceness()
     return LatencyResult(machine=info, runs=runs, protocol={"batch": 1, "warmup": warmup, "k": k, "interleaved": True})
 
 
@@ -165,7 +167,8 @@ def render_markdown(result: LatencyResult, png_name: str | None = None, notes: S
         f"Measured {m.get('date')} on {m.get('cpu')} ({m.get('logical_cores')} logical cores, "
         f"{m.get('threads')} thread(s) per engine{', GPU ' + m['gpu'] if m.get('gpu') else ''}); "
         f"torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}; load average "
-        f"{m.get('load_avg_1m_at_start')} at start, {m.get('load_avg_1m_at_end')} at end. "
+        f"{m.get('load_avg_1m_at_start')} at start, {m.get('load_avg_1m_at_end')} at end"
+        f"{'; nice ' + str(m['nice_at_end']) + ' at end' if m.get('nice_at_end') is not None else ''}. "
         f"Protocol: {result.runs[0].n} prompts, batch 1, {result.protocol.get('warmup')} warm-up calls per "
         f"engine and mode, k = {result.protocol.get('k')}, engines and modes interleaved per prompt.",
         "",
