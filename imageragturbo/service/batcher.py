@@ -235,13 +235,23 @@ class MicroBatcher:
                 # Every job taken had been cancelled: look again.
 
     def _run(self, batch: list[Job]) -> None:
+        demand = len(batch)
         try:
-            self._run_batch(batch)
+            demand = self._run_batch(batch)
         finally:
             with self._cond:
-                self._recent_demand.append(len(batch) + len(self._queue))
+                self._recent_demand.append(demand)
 
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _demand(self, batch: list[Job]) -> int:
+        """This batch plus the jobs that queued while it ran, counted before any of its answers
+        goes out: a closed-loop client's next request, sent in reply to its answer, is not
+        concurrent demand. (Counted afterwards, a lone client whose next request beat the
+        worker's bookkeeping looked like two, and its requests waited batch_wait_ms for company.)"""
+        with self._cond:
+            return len(batch) + len(self._queue)
+
+    def _run_batch(self, batch: list[Job]) -> int:
+        """Run ``batch`` and resolve its futures; returns the demand it saw (see _demand)."""
         start = time.perf_counter()
         queue_wait_ms = [(start - job.enqueued_s) * 1e3 for job in batch]
         try:
@@ -249,18 +259,21 @@ class MicroBatcher:
             if len(results) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:
+            demand = self._demand(batch)
             # Only this batch's requests fail; the worker goes on with the next batch.
             logger.exception("batch of %d failed (%s)", len(batch), batch[0].key)
             error = BatchFailedError(f"generation failed: {type(exc).__name__}: {exc}")
             for job in batch:
                 job.future.set_exception(error)
             self._report(BatchStats(len(batch), batch[0].key.mode, False, {}, queue_wait_ms))
-            return
+            return demand
+        demand = self._demand(batch)
         stage_ms = dict(results[0].timings_ms) if results else {}
         for job, result, wait_ms in zip(batch, results, queue_wait_ms):
             result.timings_ms = {"queue_wait": wait_ms, **result.timings_ms}
             job.future.set_result(result)
         self._report(BatchStats(len(batch), batch[0].key.mode, True, stage_ms, queue_wait_ms))
+        return demand
 
     def _report(self, stats: BatchStats) -> None:
         if self.on_batch is None:

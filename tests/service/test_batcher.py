@@ -161,3 +161,29 @@ def test_failed_warmup_means_never_ready():
     assert not batcher.ready.is_set() and not batcher.alive
     with pytest.raises(ShuttingDownError, match="worker is not running"):
         batcher.submit(_job("x"))
+
+
+def test_a_lone_clients_next_request_is_not_taken_for_company():
+    """A closed-loop client sends its next request as soon as it has its answer, possibly before
+    the worker has finished with the batch that answered it. Here each next request is submitted
+    from the previous answer's callback (in the worker, while it resolves the future): the worst
+    case. None of them may wait batch_wait_ms for a partner that is not coming."""
+    run = Recorder()
+    batcher = _batcher(run, max_batch=8, batch_wait_ms=2000)
+    futures = []
+    last_done = threading.Event()
+
+    def send_next(done):
+        if len(futures) == 5:
+            last_done.set()
+            return
+        following = batcher.submit(_job(f"next{len(futures)}"))
+        futures.append(following)
+        following.add_done_callback(send_next)
+
+    batcher.submit(_job("first")).add_done_callback(send_next)
+    assert last_done.wait(30), "the chain of requests did not finish"
+    batcher.close()
+    waits_ms = [f.result(0).timings_ms["queue_wait"] for f in futures]
+    assert max(waits_ms) < 1000, waits_ms
+    assert [prompts for _, prompts in run.batches] == [["first"]] + [[f"next{i}"] for i in range(5)]
