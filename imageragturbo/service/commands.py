@@ -21,9 +21,10 @@ RESULTS_PREAMBLE = """# HTTP service benchmark
 `imageragturbo bench service`: closed-loop load on loopback (each client thread keeps one request
 in flight), against a server started by the bench in its own process. Latencies are as the
 client sees them; *pipeline p50* is the sum of the pipeline stages the server reports in
-`Server-Timing` (for a batched request: its batch's stage times); *server overhead* is HTTP p50
-minus pipeline p50 at concurrency 1 (HTTP, validation, hand-off to the worker, PNG encoding and
-the Python client itself). Reproduce with the command under each table.
+`Server-Timing` (for a batched request: its batch's stage times). *Server overhead* at
+concurrency 1 is given two ways: HTTP p50 minus pipeline p50, and the p50 over requests of each
+request's HTTP time minus its own pipeline time (HTTP, validation, the hand-offs to and from the
+worker, PNG encoding and the Python client itself). Reproduce with the command under each table.
 """
 
 
