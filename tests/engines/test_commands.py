@@ -87,3 +87,26 @@ def test_update_report_creates_or_appends(tmp_path):
     notes.write_text("# Notes\n")
     update_report(notes, "table")
     assert notes.read_text().startswith("# Notes\n\n" + REPORT_BEGIN)
+
+
+def test_interleaving_does_not_put_adapter_after_off_of_the_same_engine():
+    """A rotation of (engine, mode) pairs put `adapter` right after `off` of the same engine
+    3 times in 4, with that engine's shared parts warm in cache; a random order does not."""
+    from types import SimpleNamespace
+
+    from imageragturbo.eval.latency_bench import run_latency_bench
+
+    calls = []
+
+    def fake(engine):
+        def pipe(prompts, seeds, mode, k):
+            calls.append((engine, mode))
+            return SimpleNamespace(timings_ms=dict.fromkeys(STAGES[:-1], 1.0))
+
+        return pipe
+
+    prompts = [(f"prompt {i}", i) for i in range(400)]
+    run_latency_bench({"a": fake("a"), "b": fake("b")}, ["off", "adapter"], prompts, warmup=0, machine={})
+    assert len(calls) == 1600 and calls[:4] != calls[4:8]
+    after_own_off = sum(prev == (cur[0], "off") for prev, cur in zip(calls, calls[1:]) if cur[1] == "adapter")
+    assert 0.15 < after_own_off / 800 < 0.45  # ~1/4 by chance; the rotation gave 3/4
