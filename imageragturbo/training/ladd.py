@@ -204,7 +204,7 @@ def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> RetrievalDatab
 def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: Path) -> TrainingData:
     """Build (or read back) the synthetic cache and encode the real pairs."""
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-    latent_shape = (parts.unet.config.in_channels, *_latent_hw(parts.unet))
+    latent_shape = _latent_shape(parts.unet)
     cache = out_dir / "synthetic.safetensors"
     if cache.is_file():
         tensors = load_file(str(cache))
@@ -233,9 +233,11 @@ def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: P
     return TrainingData(syn_captions, syn_noise, syn_z0, _real_database(config, RagTurboPipeline(parts)))
 
 
-def _latent_hw(unet) -> tuple[int, int]:
+def _latent_shape(unet) -> tuple[int, int, int]:
+    """(channels, height, width) of the UNet's latents."""
     size = unet.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return (unet.config.in_channels, *hw)
 
 
 # -- discriminator and perceptual features ---------------------------------------------------
@@ -569,7 +571,7 @@ def evaluate(
     prompts = eval_prompts(split, config.eval_prompts)
     captions = [p for p, _ in prompts]
     device = next(generator.parameters()).device
-    latent_shape = (parts.unet.config.in_channels, *_latent_hw(parts.unet))
+    latent_shape = _latent_shape(parts.unet)
     noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in prompts])
     noise = noise.to(device)
     encoded = encoder(captions)
