@@ -67,6 +67,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # convolutions: in a small UNet the up-blocks' ResNets read the H-space only beside the encoder's
 # skip features of the same resolution, and learn to lean on the skips (measured on shapes-v1's
 # student at t = T: zeroing H moves its output by 2%, swapping the skips by 80%).
+STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
+"""Where a student run's UNet reads the prompt (see ``LaddConfig.student_text_blocks``)."""
+
 LORA_TARGETS = {
     "attention": r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "decoder": r".*up_blocks\.\d+\.(attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -113,7 +116,9 @@ class LaddConfig:
     teacher's ResNets), so that the prompt reaches the image only through the H-space. In the
     teacher's architecture the decoder's cross-attention carries the content (replacing H by
     another prompt's moves a one-step output by ~2%, the decoder's text context by ~90%),
-    which leaves an H-space adapter almost nothing to steer."""
+    which leaves an H-space adapter almost nothing to steer. ``encoder`` keeps cross-attention
+    in the down blocks and the mid-block and drops it from the up blocks: the decoder sees the
+    prompt only through the H-space and the skip connections."""
     text_drop: float = 0.0
     """Adapter runs: share of items whose cross-attention context is the empty prompt's for
     the generator, while retrieval, the discriminator and the targets keep the real prompt.
@@ -379,18 +384,20 @@ def build_generator(config: LaddConfig, parts: ModelComponents, teacher: UNet2DC
 
 
 def _student_unet(config: LaddConfig, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
-    """The student's initial UNet: a copy of the teacher, or (``student_text_blocks: mid``) the
-    teacher's layout with plain down/up blocks and every teacher weight that still has a place."""
+    """The student's initial UNet: a copy of the teacher, or (``student_text_blocks: mid`` or
+    ``encoder``) the teacher's layout with plain up blocks (and, for ``mid``, plain down blocks)
+    and every teacher weight that still has a place."""
     if config.student_text_blocks == "all":
         return copy.deepcopy(teacher)
     n = len(teacher.config.down_block_types)
+    down = teacher.config.down_block_types if config.student_text_blocks == "encoder" else ("DownBlock2D",) * n
     unet = UNet2DConditionModel.from_config(
-        {**teacher.config, "down_block_types": ("DownBlock2D",) * n, "up_block_types": ("UpBlock2D",) * n}
+        {**teacher.config, "down_block_types": tuple(down), "up_block_types": ("UpBlock2D",) * n}
     )
     result = unet.load_state_dict(teacher.state_dict(), strict=False)
     if result.missing_keys or any(".attentions." not in key for key in result.unexpected_keys):
         raise ValueError(
-            f"cannot initialise a mid-only student from the teacher: missing {result.missing_keys[:5]}, "
+            f"cannot initialise a {config.student_text_blocks} student from the teacher: missing {result.missing_keys[:5]}, "
             f"unexpected {[k for k in result.unexpected_keys if '.attentions.' not in k][:5]}"
         )
     return unet.to(teacher.device, teacher.dtype)
@@ -402,8 +409,10 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     if config.mode not in ("student", "adapter"):
         raise ValueError(f"mode must be 'student' or 'adapter', got {config.mode!r}")
-    if config.student_text_blocks not in ("all", "mid"):
-        raise ValueError(f"student_text_blocks must be 'all' or 'mid', got {config.student_text_blocks!r}")
+    if config.student_text_blocks not in STUDENT_TEXT_BLOCKS:
+        raise ValueError(
+            f"student_text_blocks must be one of {STUDENT_TEXT_BLOCKS}, got {config.student_text_blocks!r}"
+        )
     if config.lora_targets not in LORA_TARGETS:
         raise ValueError(f"lora_targets must be one of {sorted(LORA_TARGETS)}, got {config.lora_targets!r}")
     if config.text_swap > 0 and (config.mode != "adapter" or not config.prompts.startswith("world:")

@@ -59,6 +59,19 @@ def test_world_index_layout_and_rows(pipe, world_index):
     np.testing.assert_allclose(store.latents(ids)[0, 0].astype(np.float32), z0[0].numpy(), rtol=2e-3, atol=2e-3)
 
 
+def test_small_store_arrays_are_read_into_memory_and_large_ones_stay_mapped(world_index, monkeypatch):
+    import imageragturbo.index.disk as disk
+
+    ids = np.array([[5, 1, 5, 40]])
+    resident = MemmapFeatureStore(world_index)
+    assert not any(isinstance(a, np.memmap) or a.base is not None for a in resident._rows.values())
+    monkeypatch.setattr(disk, "RESIDENT_MAX_BYTES", 0)
+    mapped = MemmapFeatureStore(world_index)
+    assert all(isinstance(a.base, np.memmap) for a in mapped._rows.values())
+    for gather in ("h_features", "text_embeddings", "latents"):
+        np.testing.assert_array_equal(getattr(resident, gather)(ids), getattr(mapped, gather)(ids))
+
+
 def test_loaded_database_drives_the_pipeline(pipe, world_index):
     db = load_database("world", world_index, verify=True)
     pipe.add_database(db)

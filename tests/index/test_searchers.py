@@ -165,3 +165,29 @@ def test_exact_cosine_scores_only_where_the_scores_are_exact_cosines(data, tmp_p
     int8 = ScannSpec.for_size(len(x), mode="tree_ah", num_leaves_to_search=10, reorder=50, reorder_dtype="int8")
     assert not ScannSearcher.build(x, int8).exact_cosine_scores
     assert not Bm25Searcher.exact_cosine_scores
+
+
+@pytest.mark.parametrize("k", [1, 4, 10, 40])
+def test_exact_search_over_repeated_keys_scores_each_once_and_agrees_with_every_row(data, k):
+    # Captions rendered several times share a key: 3,000 rows over 300 distinct keys (in a
+    # shuffled order), plus exact ties between two distinct keys via a query equidistant to them.
+    x, q = data
+    rng = np.random.default_rng(2)
+    rows = np.concatenate([np.arange(300), rng.integers(0, 300, 2700)])
+    rng.shuffle(rows)
+    repeated = x[:300][rows]
+    searcher = ExactSearcher(repeated)
+    assert searcher.distinct_keys == 300
+    mid = repeated[0] + repeated[np.flatnonzero(rows != rows[0])[0]]
+    queries = np.concatenate([q, (mid / np.linalg.norm(mid))[None]]).astype(np.float32)
+    ids, scores = searcher.search(queries, k)
+    full = np.einsum("bd,nd->bn", queries, repeated)
+    expected = _sorted_reference(full, k)
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, expected, axis=1))  # bit for bit
+    for i in (0, 17, len(queries) - 1):
+        np.testing.assert_array_equal(searcher.search(queries[i : i + 1], k)[0][0], ids[i])
+    # All keys distinct: the plain scan, same answers.
+    plain = ExactSearcher(x)
+    assert plain.distinct_keys == len(x)
+    np.testing.assert_array_equal(plain.search(q, k)[0], _sorted_reference(q @ x.T, k))

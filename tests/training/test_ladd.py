@@ -163,16 +163,23 @@ def test_decoder_lora_targets_reach_the_up_block_resnets_and_reload(world_like_m
         ladd.run(_config(world_like_model, "adapter", lora_targets="everything"), tmp_path / "bad")
 
 
-def test_mid_only_student_keeps_the_teachers_resnets_and_reads_text_only_in_the_mid_block(world_like_model, tmp_path):
-    out = ladd.run(_config(world_like_model, "student", steps=1, student_text_blocks="mid", eval_prompts=0), tmp_path / "run")
+@pytest.mark.parametrize("blocks", ["mid", "encoder"])
+def test_a_student_without_decoder_cross_attention_keeps_the_teachers_weights_and_serves(
+    world_like_model, tmp_path, blocks
+):
+    out = ladd.run(_config(world_like_model, "student", steps=1, student_text_blocks=blocks, eval_prompts=0), tmp_path / "run")
     student = load_model(out).unet
-    assert not any(getattr(b, "has_cross_attention", False) for b in (*student.down_blocks, *student.up_blocks))
-    assert student.mid_block.has_cross_attention
     teacher = load_teacher_unet(out)
-    assert any(getattr(b, "has_cross_attention", False) for b in teacher.down_blocks)
+    assert not any(getattr(b, "has_cross_attention", False) for b in student.up_blocks)
+    assert student.mid_block.has_cross_attention
+    reads_text = [getattr(b, "has_cross_attention", False) for b in student.down_blocks]
+    assert reads_text == [blocks == "encoder" and getattr(b, "has_cross_attention", False) for b in teacher.down_blocks]
+    assert any(reads_text) == (blocks == "encoder")
     # The exported student serves: one step through the pipeline gives images.
     images = RagTurboPipeline.from_pretrained(out)(["a red circle on the left"], [0], mode="off").images
     assert images.shape[0] == 1
+    with pytest.raises(ValueError, match="student_text_blocks"):
+        ladd.run(_config(world_like_model, "student", student_text_blocks="decoder"), tmp_path / "bad")
 
 
 @pytest.mark.parametrize("path", sorted(ladd.CONFIG_DIR.glob("ladd_*.json")), ids=lambda p: p.name)
