@@ -38,6 +38,9 @@ class RowSpec:
     steps: int = 1
     inject_w: float | None = 0.8  # None with mode inject: the per-prompt oracle over ORACLE_WEIGHTS
     cfg_scale: float = 7.5  # teacher only
+    with_lora: bool = False
+    """Run through the adapter run's decoder LoRA. ``adapter`` rows always do; ``off`` and
+    ``inject`` rows are the plain one-step student unless this is set (an ablation)."""
 
     @property
     def nfe(self) -> int:
@@ -184,6 +187,8 @@ PAPER_ROWS = (
     RowSpec("student 1-step (off)", "off"),
     RowSpec("injection w=0.8", "inject", inject_w=0.8),
     RowSpec("injection, oracle w", "inject", inject_w=None),
+    # Ablation: the decoder LoRA that trained with the adapter, without retrieval.
+    RowSpec("student + decoder LoRA, no retrieval", "off", with_lora=True),
     RowSpec("ImageRAGTurbo 1-step (adapter)", "adapter"),
     RowSpec("ImageRAGTurbo 4-step (adapter)", "adapter", steps=4),
 )
@@ -205,7 +210,8 @@ def fidelity_table(
 
     ``base_pipe`` is the same model without its adapter and decoder LoRA: the ``off`` and
     ``inject`` rows are the plain one-step student (the paper's SD-Turbo rows), so they must
-    not run through a decoder that the adapter's training changed."""
+    not run through a decoder that the adapter's training changed (except the ablation row
+    that asks for it, which separates the LoRA's share of the adapter row from retrieval's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     available = [r for r in rows if r.mode in ("teacher", "off") or r.mode in pipe.denoisers]
     skipped = [r.name for r in rows if r not in available]
@@ -213,7 +219,8 @@ def fidelity_table(
     for split in SPLITS:
         prompts = load_prompts(split, n)
         for row in available:
-            row_pipe = base_pipe if (base_pipe is not None and row.mode in ("off", "inject")) else pipe
+            plain = row.mode in ("off", "inject") and not row.with_lora
+            row_pipe = base_pipe if (base_pipe is not None and plain) else pipe
             res = evaluate_fidelity(row_pipe, row, prompts, split, teacher_unet=teacher_unet, k=k, database=database)
             logger.info("%s on %s: %.3f (%.0f s)", row.name, split, res.benchmark.mean_score, res.wall_s)
             results.append(res)

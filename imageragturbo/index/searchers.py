@@ -19,8 +19,8 @@ SMALL_K = 16
 """Up to this k, top-k is k argmax passes over the scores (0.5 us each over 4,096 floats) rather
 than argpartition + lexsort (~30 us at any k, measured on the bundled 4,096-row index)."""
 DISTINCT_KEYS_MAX_SHARE = 0.75
-"""The exact searcher scores distinct keys only when at most this share of the rows have one
-of their own (below, the saving outweighs a per-query gather of the best keys' rows)."""
+"""The exact searcher scores distinct keys only when there are at most this many per row;
+with fewer repeats the saving does not pay for expanding the best keys into their rows."""
 UNIT_NORM_TOLERANCE = 1e-5
 """How far from 1 a key's L2 norm may be for its dot products to count as cosines: above
 float32 rounding of a normalised vector (~1e-7), below a float16 round trip (~1e-4)."""
@@ -98,20 +98,16 @@ class ExactSearcher:
         self.exact_cosine_scores = bool(np.all(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))
         """True when the keys are unit vectors, so a scores row is the cosines between an
         L2-normalised query and its neighbours' embeddings (the pipeline's gate reads them)."""
-        keys, first, key_of_row = np.unique(self.embeddings, axis=0, return_index=True, return_inverse=True)
-        if len(keys) <= DISTINCT_KEYS_MAX_SHARE * len(self.embeddings):
-            # Distinct keys in order of their first row, so that a tie between two keys also
-            # goes to the one holding the smaller id; rows grouped by key, ascending.
-            order = np.argsort(first, kind="stable")
-            rank = np.empty_like(order)
-            rank[order] = np.arange(len(order))
-            key_of_row = rank[key_of_row.reshape(-1)]
-            self._keys = np.ascontiguousarray(keys[order])
-            self._rows_by_key = np.argsort(key_of_row, kind="stable")
-            self._key_start = np.searchsorted(key_of_row[self._rows_by_key], np.arange(len(order) + 1))
-        else:
-            self._keys = None
+        keys, key_of_row = np.unique(self.embeddings, axis=0, return_inverse=True)
+        key_of_row = key_of_row.reshape(-1)
         self.distinct_keys = len(keys)
+        self._keys = None
+        if len(keys) <= DISTINCT_KEYS_MAX_SHARE * len(self.embeddings):
+            self._keys = np.ascontiguousarray(keys)
+            # Row ids grouped by key, ascending within a key; key j's rows are
+            # _rows_by_key[_key_start[j]:_key_start[j + 1]].
+            self._rows_by_key = np.argsort(key_of_row, kind="stable")
+            self._key_start = np.searchsorted(key_of_row[self._rows_by_key], np.arange(len(keys) + 1))
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]

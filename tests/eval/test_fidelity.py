@@ -69,6 +69,25 @@ def test_table_writes_every_artifact(pipe, world_model, tmp_path):
     assert json.loads((tmp_path / "fidelity.json").read_text())["results"][0]["n"] == 4
 
 
+def test_plain_rows_use_the_base_pipeline_and_the_lora_ablation_does_not(pipe, world_model, tmp_path, monkeypatch):
+    import imageragturbo.eval.fidelity as fidelity
+
+    base = object()
+    used = {}
+    real = fidelity.evaluate_fidelity
+
+    def spy(row_pipe, row, prompts, split, **kwargs):
+        used[row.name] = "base" if row_pipe is base else "lora"
+        return real(pipe, row, prompts, split, **kwargs)
+
+    monkeypatch.setattr(fidelity, "evaluate_fidelity", spy)
+    rows = (RowSpec("off", "off"), RowSpec("inject", "inject"), RowSpec("off + lora", "off", with_lora=True),
+            RowSpec("adapter", "adapter"))
+    fidelity_table(pipe, load_teacher_unet(world_model), tmp_path, n=2, rows=rows, base_pipe=base)
+    assert used == {"off": "base", "inject": "base", "off + lora": "lora", "adapter": "lora"}
+    assert any(r.with_lora and r.mode == "off" for r in fidelity.PAPER_ROWS)
+
+
 def test_eval_fidelity_command(world_model, tmp_path, capsys):
     out = tmp_path / "f.json"
     assert main(["eval", "fidelity", "--model", str(world_model), "--mode", "off", "--prompts", "test-seen",
