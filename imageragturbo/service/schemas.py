@@ -28,8 +28,10 @@ class GenerateRequest(BaseModel):
         None,
         description=(
             "adapter: retrieval through the trained H-space adapter; inject: training-free slerp "
-            "injection of the top-1 neighbour; off: the plain one-step model. Default: adapter when "
-            "the model has an adapter and a database is loaded, else off (the answer says which ran)"
+            "injection of the top-1 neighbour; off: no retrieval. All three run the one-step UNet "
+            "with the decoder LoRA that trained beside the adapter, when the model has one. "
+            "Default: adapter when the model has an adapter and a database is loaded, else off "
+            "(the answer says which ran)"
         ),
     )
     inject_w: float = Field(
