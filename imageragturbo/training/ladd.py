@@ -119,6 +119,11 @@ class LaddConfig:
     which leaves an H-space adapter almost nothing to steer. ``encoder`` keeps cross-attention
     in the down blocks and the mid-block and drops it from the up blocks: the decoder sees the
     prompt only through the H-space and the skip connections."""
+    exclude_phrases: tuple[str, ...] = ()
+    """Training pairs whose caption contains one of these phrases (e.g. "green circle") are
+    left out, synthetic and real alike. A student trained without some compositions of the
+    train split lets an adapter trained on the whole split meet prompts that the student's
+    text path cannot draw but its neighbours show: the situation retrieval is for."""
     text_drop: float = 0.0
     """Adapter runs: share of items whose cross-attention context is the empty prompt's for
     the generator, while retrieval, the discriminator and the targets keep the real prompt.
@@ -193,6 +198,9 @@ def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> RetrievalDatab
     # The train split never holds a purple triangle or a yellow square: the held-out
     # compositions reach the adapter only through retrieval at test time.
     images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2)
+    if config.exclude_phrases:
+        keep = [i for i, caption in enumerate(captions) if not _excluded(config, caption)]
+        images, captions = images[keep], [captions[i] for i in keep]
     z0, e, h = [], [], []
     for start in range(0, len(captions), 256):
         z0.append(pipe.encode_images(images[start : start + 256]))
@@ -235,7 +243,15 @@ def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: P
         (out_dir / "synthetic_captions.json").write_text(json.dumps(syn_captions))
         os.replace(tmp, cache)
 
+    if config.exclude_phrases:
+        keep = [i for i, caption in enumerate(syn_captions) if not _excluded(config, caption)]
+        logger.info("left out %d of %d synthetic pairs (exclude_phrases)", len(syn_captions) - len(keep), len(syn_captions))
+        syn_captions, syn_noise, syn_z0 = [syn_captions[i] for i in keep], syn_noise[keep], syn_z0[keep]
     return TrainingData(syn_captions, syn_noise, syn_z0, _real_database(config, RagTurboPipeline(parts)))
+
+
+def _excluded(config: LaddConfig, caption: str) -> bool:
+    return any(phrase in caption for phrase in config.exclude_phrases)
 
 
 def _latent_shape(unet) -> tuple[int, int, int]:

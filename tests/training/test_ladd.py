@@ -1,5 +1,7 @@
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import build_tiny_model_dir
@@ -186,3 +188,24 @@ def test_a_student_without_decoder_cross_attention_keeps_the_teachers_weights_an
 def test_every_shipped_ladd_config_loads(path):
     config = ladd.load_config(path)  # unknown keys and bad types raise
     assert config.mode in path.name
+
+
+def test_exclude_phrases_leaves_those_captions_out_of_synthetic_and_real_pairs(world_like_model, tmp_path):
+    config = _config(world_like_model, "student", synthetic_pairs=40, database="world:60")
+    parts = load_model(world_like_model, base_only=True)
+    teacher = load_teacher_unet(world_like_model)
+    full = ladd.prepare_data(config, parts, teacher, tmp_path)
+    phrase = next(c for c in full.syn_captions if " circle" in c).split(" circle")[0].split()[-1] + " circle"
+    assert any(phrase in c for c in _captions(full.real.store))
+    # The same cache read back, with the phrase excluded: only those pairs go.
+    kept = ladd.prepare_data(dataclasses.replace(config, exclude_phrases=(phrase,)), parts, teacher, tmp_path)
+    expected = [i for i, c in enumerate(full.syn_captions) if phrase not in c]
+    assert kept.syn_captions == [full.syn_captions[i] for i in expected] and len(expected) < 40
+    assert torch.equal(kept.syn_z0, full.syn_z0[expected]) and torch.equal(kept.syn_noise, full.syn_noise[expected])
+    real = _captions(kept.real.store)
+    assert real and not any(phrase in c for c in real)
+    assert real == [c for c in _captions(full.real.store) if phrase not in c]
+
+
+def _captions(store):
+    return store.captions(np.arange(len(store))[None])[0]
