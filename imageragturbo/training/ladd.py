@@ -63,13 +63,13 @@ from imageragturbo.world.spec import swap_attribute
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
+"""Where a student run's UNet reads the prompt (see ``LaddConfig.student_text_blocks``)."""
+
 # The decoder's attention (the paper's LoRA), and with ``lora_targets: decoder`` also its ResNet
 # convolutions: in a small UNet the up-blocks' ResNets read the H-space only beside the encoder's
 # skip features of the same resolution, and learn to lean on the skips (measured on shapes-v1's
 # student at t = T: zeroing H moves its output by 2%, swapping the skips by 80%).
-STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
-"""Where a student run's UNet reads the prompt (see ``LaddConfig.student_text_blocks``)."""
-
 LORA_TARGETS = {
     "attention": r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "decoder": r".*up_blocks\.\d+\.(attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
