@@ -170,7 +170,7 @@ def test_exact_cosine_scores_only_where_the_scores_are_exact_cosines(data, tmp_p
 @pytest.mark.parametrize("k", [1, 4, 10, 40])
 def test_exact_search_over_repeated_keys_scores_each_once_and_agrees_with_every_row(data, k):
     # Captions rendered several times share a key: 3,000 rows over 300 distinct keys (in a
-    # shuffled order), plus exact ties between two distinct keys via a query equidistant to them.
+    # shuffled order); the last query sits halfway between two distinct keys (a near-tie).
     x, q = data
     rng = np.random.default_rng(2)
     rows = np.concatenate([np.arange(300), rng.integers(0, 300, 2700)])
