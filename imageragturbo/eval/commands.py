@@ -1,5 +1,5 @@
-"""`imageragturbo eval fidelity | table | leverage`: the shapes world's prompt-fidelity benchmarks, and
-where a UNet's output comes from."""
+"""`imageragturbo eval fidelity | table | leverage | probe`: the shapes world's prompt-fidelity
+benchmarks, where a UNet's output comes from, and what the database can deliver through each path."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def register(sub, group) -> None:
     p.add_argument("--timesteps", default="999,749,499", help="comma-separated timesteps")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.set_defaults(handler=_leverage)
+    p = evals.add_parser("probe", help="verifier scores with the top-1 neighbour's image, H-feature or noised latent in the one-step pass")
+    _add_model_args(p)
+    p.add_argument("--prompts", action="append", default=None,
+                   help="test-seen | test-held | a file of 'caption[<TAB>seed]' lines (repeatable; default: both splits)")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.set_defaults(handler=_probe, n=100)
 
 
 def _open(args, base_only: bool = False):
@@ -110,6 +116,25 @@ def _leverage(args) -> int:
     except ValueError as exc:
         raise CliError(f"{model_dir}: {exc}") from exc
     print(leverage_markdown(rows, str(model_dir)), end="")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(model_dir), "rows": [r.as_dict() for r in rows]}, indent=2))
+    return 0
+
+
+def _probe(args) -> int:
+    from imageragturbo.cli import CliError
+    from imageragturbo.eval.fidelity import load_prompts
+    from imageragturbo.eval.probe import probe_markdown, probe_split
+
+    model_dir, pipe, _ = _open(args, base_only=True)
+    rows = []
+    try:
+        for split in args.prompts or ["test-seen", "test-held"]:
+            rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database)
+    except ValueError as exc:
+        raise CliError(f"{model_dir}: {exc}") from exc
+    print(probe_markdown(rows, str(model_dir)), end="")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(model_dir), "rows": [r.as_dict() for r in rows]}, indent=2))

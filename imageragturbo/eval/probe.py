@@ -1,0 +1,114 @@
+"""What the database can deliver for a split, and through which path it reaches the image.
+
+For each prompt the top-1 neighbour is retrieved (as ``inject`` mode does) and the verifier
+scores, with the prompt's caption and seed:
+
+- ``off``: the bare one-step model (no retrieval), the baseline;
+- ``neighbour image``: the neighbour's stored latent through the VAE decoder. A model that
+  copied its neighbour perfectly would score this; it is the ceiling of any path through
+  this VAE (on the shapes world's held-out compositions the VAE, never trained on them,
+  loses much of it);
+- ``neighbour H``: the one-step pass with the target's H-feature replaced by the neighbour's
+  stored one (skips, timestep and text stay the target's): what the H-space alone carries;
+- ``neighbour at t``: the one-step model's x0 from the neighbour's latent noised to t (the
+  seed's noise), with the target's prompt: what the UNet does when the neighbour's layout
+  reaches it through every path, as in img2img.
+
+The gap between ``neighbour image`` and ``neighbour H`` is what an H-space method cannot
+reach with this UNet, whatever its adapter learns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from imageragturbo.model.pipeline import RagTurboPipeline
+from imageragturbo.world.verifier import verify
+
+NOISED_TIMESTEPS = (249, 499, 749)
+
+
+@dataclass(frozen=True)
+class ProbeRow:
+    name: str
+    split: str
+    n: int
+    mean_score: float
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "split": self.split, "n": self.n, "mean_score": self.mean_score}
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def probe_latents(
+    pipe: RagTurboPipeline,
+    prompts: list[tuple[str, int]],
+    *,
+    database: str | None = None,
+    timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
+) -> dict[str, torch.Tensor]:
+    """Probe name -> clean latents float [N, c, h, w], one per (caption, seed) of ``prompts``.
+
+    ``pipe`` should be the bare model (``open_pipeline(..., base_only=True)``) so that ``off``
+    and the probes share one UNet. Raises ``ValueError`` if it has no database or the
+    database's store keeps no latents.
+    """
+    captions = [c for c, _ in prompts]
+    seeds = [s for _, s in prompts]
+    if not pipe.databases:
+        raise ValueError("probing needs a retrieval database (an index with latents)")
+    db = pipe.databases[database or next(iter(pipe.databases))]
+    encoded = pipe.encoder(captions)
+    ctx, device, dtype = encoded.ctx, pipe.device, encoded.ctx.dtype
+    ids, _ = db.searcher.search(encoded.q.cpu().numpy(), 1, texts=captions)
+    z0_nb = torch.from_numpy(np.asarray(db.store.latents(ids), dtype=np.float32)[:, 0]).to(device, dtype)
+    h_nb = torch.from_numpy(np.asarray(db.store.h_features(ids), dtype=np.float32)[:, 0]).to(device, dtype)
+    z_T = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z_T = z_T.to(device, dtype)
+    t_max = pipe.num_train_timesteps - 1
+
+    def one_step(z_t: torch.Tensor, t: int, h: torch.Tensor | None = None) -> torch.Tensor:
+        enc = pipe.split.encode(z_t, torch.full((len(captions),), t, dtype=torch.int64, device=device), ctx)
+        out = pipe.split.decode(enc.h if h is None else h, enc.skips, enc.temb, ctx)
+        return pipe.schedule.predict_x0(out, z_t, t)
+
+    latents = {"off": one_step(z_T, t_max), "neighbour image": z0_nb, "neighbour H": one_step(z_T, t_max, h_nb)}
+    for t in timesteps:
+        latents[f"neighbour at t={t}"] = one_step(pipe.schedule.add_noise(z0_nb, z_T, t), t)
+    return latents
+
+
+@torch.inference_mode()
+def probe_split(pipe: RagTurboPipeline, prompts: list[tuple[str, int]], split: str, *, database: str | None = None) -> list[ProbeRow]:
+    """The verifier's mean for every probe of :func:`probe_latents` on ``prompts``."""
+    captions = [c for c, _ in prompts]
+    rows = []
+    for name, z0 in probe_latents(pipe, prompts, database=database).items():
+        images = _to_uint8(pipe.vae_decode(z0))
+        score = float(np.mean([verify(img, cap).score for img, cap in zip(images, captions)]))
+        rows.append(ProbeRow(name, split, len(captions), score))
+    return rows
+
+
+def probe_markdown(rows: list[ProbeRow], model: str) -> str:
+    splits = list(dict.fromkeys(r.split for r in rows))
+    names = list(dict.fromkeys(r.name for r in rows))
+    score = {(r.name, r.split): r.mean_score for r in rows}
+    n = {r.split: r.n for r in rows}
+    lines = [
+        f"Verifier mean with the top-1 neighbour's content on each path (model `{model}`; "
+        + ", ".join(f"{s} n={n[s]}" for s in splits) + "):",
+        "",
+        "| probe | " + " | ".join(splits) + " |",
+        "| --- |" + " ---: |" * len(splits),
+    ]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{score[(name, s)]:.3f}" for s in splits) + " |")
+    return "\n".join(lines) + "\n"

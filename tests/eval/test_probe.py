@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model_dir
+
+from imageragturbo.cli import main
+from imageragturbo.eval.probe import probe_latents, probe_split
+from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.index.build import build_index
+from imageragturbo.index.pairs import WorldPairs
+from imageragturbo.model import RagTurboPipeline, load_model
+
+# The tiny tokenizer keeps 16 characters: prompts that differ early, so each retrieves its own row.
+PROMPTS = [("a yellow square on the left", 11), ("two purple triangles", 12), ("three red circles", 13)]
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("probe_model"), sample_size=16, prediction_type="v_prediction")
+
+
+def _pipe(world_model, h_rows):
+    """The bare model with a database of one row per prompt: its own caption, a random latent,
+    and the H-feature ``h_rows(encoded prompts)``."""
+    pipe = RagTurboPipeline(load_model(world_model, base_only=True))
+    captions = [c for c, _ in PROMPTS]
+    encoded = pipe.encoder(captions)
+    z0 = torch.randn(len(captions), *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
+    store = InMemoryFeatureStore(encoded.q.numpy(), h_rows(pipe, encoded).numpy(), captions, pipe.components.model_id, z0=z0.numpy())
+    pipe.add_database(RetrievalDatabase("db", ExactSearcher(encoded.q.numpy()), store))
+    return pipe, z0
+
+
+def _own_h(pipe, encoded):
+    """Each prompt's own H at t = T from its seed's noise: what the one-step pass computes."""
+    z_T = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in PROMPTS])
+    t = torch.full((len(PROMPTS),), pipe.num_train_timesteps - 1)
+    with torch.inference_mode():
+        return pipe.split.encode(z_T, t, encoded.ctx).h
+
+
+@torch.inference_mode()
+def test_each_probe_takes_the_neighbour_through_its_own_path(world_model):
+    pipe, z0 = _pipe(world_model, _own_h)
+    latents = probe_latents(pipe, PROMPTS, timesteps=(499,))
+    assert list(latents) == ["off", "neighbour image", "neighbour H", "neighbour at t=499"]
+    # off is the pipeline's own one-step output; the neighbour image is the stored latent
+    off = pipe([c for c, _ in PROMPTS], [s for _, s in PROMPTS], mode="off").latents
+    torch.testing.assert_close(latents["off"], off)
+    torch.testing.assert_close(latents["neighbour image"], z0)
+    # a neighbour whose H is the target's own leaves the output unchanged ...
+    torch.testing.assert_close(latents["neighbour H"], latents["off"])
+    # ... and another H changes it
+    other, _ = _pipe(world_model, lambda p, e: torch.randn_like(_own_h(p, e)) * 3)
+    assert not torch.allclose(probe_latents(other, PROMPTS, timesteps=())["neighbour H"], latents["off"], atol=1e-3)
+    # the noised neighbour reaches the UNet: a different stored latent, a different x0
+    moved = latents["neighbour at t=499"] - latents["off"]
+    assert float(moved.abs().max()) > 1e-3
+
+
+def test_probe_split_scores_every_probe_and_needs_a_database(world_model):
+    pipe, _ = _pipe(world_model, _own_h)
+    rows = probe_split(pipe, PROMPTS, "test-held")
+    assert [r.name for r in rows] == ["off", "neighbour image", "neighbour H", "neighbour at t=249",
+                                      "neighbour at t=499", "neighbour at t=749"]
+    assert all(r.n == 3 and 0.0 <= r.mean_score <= 1.0 and r.split == "test-held" for r in rows)
+    bare = RagTurboPipeline(load_model(world_model, base_only=True))
+    with pytest.raises(ValueError, match="retrieval database"):
+        probe_latents(bare, PROMPTS)
+
+
+def test_eval_probe_command(world_model, tmp_path, capsys):
+    pipe = RagTurboPipeline(load_model(world_model, base_only=True))
+    index = tmp_path / "index"
+    build_index(pipe, WorldPairs(24), index, batch_size=12, chunk_size=12, progress=False)
+    out = tmp_path / "probe.json"
+    code = main(["eval", "probe", "--model", str(world_model), "--index", str(index), "--n", "3",
+                 "--prompts", "test-held", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| probe | test-held |" in printed and "| neighbour image |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(np.isfinite(r["mean_score"]) and r["n"] == 3 for r in rows)
+    # no index: a clear error naming the model, not a traceback
+    assert main(["eval", "probe", "--model", str(world_model), "--n", "2"]) == 2
+    assert "retrieval database" in capsys.readouterr().err
