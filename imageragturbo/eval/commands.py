@@ -42,6 +42,8 @@ def register(sub, group) -> None:
     _add_model_args(p)
     p.add_argument("--prompts", action="append", default=None,
                    help="test-seen | test-held | a file of 'caption[<TAB>seed]' lines (repeatable; default: both splits)")
+    p.add_argument("--fit-steps", type=int, default=0,
+                   help="also fit an H to each neighbour's latent with this many Adam steps (the H-space's bound; 500 ~ 3 min per 100 prompts)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.set_defaults(handler=_probe, n=100)
 
@@ -128,10 +130,12 @@ def _probe(args) -> int:
     from imageragturbo.eval.probe import probe_markdown, probe_split
 
     model_dir, pipe, _ = _open(args, base_only=True)
+    if args.fit_steps < 0:
+        raise CliError(f"--fit-steps must be >= 0, got {args.fit_steps}")
     rows = []
     try:
         for split in args.prompts or ["test-seen", "test-held"]:
-            rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database)
+            rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database, fit_steps=args.fit_steps)
     except ValueError as exc:
         raise CliError(f"{model_dir}: {exc}") from exc
     print(probe_markdown(rows, str(model_dir)), end="")

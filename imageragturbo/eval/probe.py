@@ -12,10 +12,12 @@ scores, with the prompt's caption and seed:
   stored one (skips, timestep and text stay the target's): what the H-space alone carries;
 - ``neighbour at t``: the one-step model's x0 from the neighbour's latent noised to t (the
   seed's noise), with the target's prompt: what the UNet does when the neighbour's layout
-  reaches it through every path, as in img2img.
-
-The gap between ``neighbour image`` and ``neighbour H`` is what an H-space method cannot
-reach with this UNet, whatever its adapter learns.
+  reaches it through every path, as in img2img;
+- ``H fitted to the neighbour`` (with ``fit_steps`` > 0): the one-step pass with an H-feature
+  optimised (Adam on H alone, the UNet frozen) so that the output's x0 matches the
+  neighbour's latent. No H-space edit, learned or not, can hand this decoder a better H for
+  the purpose, so this bounds what the method can draw from the neighbour with this UNet
+  (up to the optimiser's convergence: report the steps).
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def probe_latents(
     pipe: RagTurboPipeline,
     prompts: list[tuple[str, int]],
     *,
     database: str | None = None,
     timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
+    fit_steps: int = 0,
+    fit_lr: float = 0.3,
 ) -> dict[str, torch.Tensor]:
     """Probe name -> clean latents float [N, c, h, w], one per (caption, seed) of ``prompts``.
 
@@ -82,16 +86,40 @@ def probe_latents(
     latents = {"off": one_step(z_T, t_max), "neighbour image": z0_nb, "neighbour H": one_step(z_T, t_max, h_nb)}
     for t in timesteps:
         latents[f"neighbour at t={t}"] = one_step(pipe.schedule.add_noise(z0_nb, z_T, t), t)
+    if fit_steps > 0:
+        latents[f"H fitted to the neighbour ({fit_steps} steps)"] = _fit_h(pipe, z_T, ctx, z0_nb, fit_steps, fit_lr)
     return latents
 
 
-@torch.inference_mode()
-def probe_split(pipe: RagTurboPipeline, prompts: list[tuple[str, int]], split: str, *, database: str | None = None) -> list[ProbeRow]:
+def _fit_h(pipe: RagTurboPipeline, z_T: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """x0 of the one-step pass at t = T whose H minimises the mean squared error to ``target``
+    (Adam on H only, from the target prompt's own H)."""
+    t_max = pipe.num_train_timesteps - 1
+    enc = pipe.split.encode(z_T, torch.full((len(z_T),), t_max, dtype=torch.int64, device=z_T.device), ctx)
+    h = enc.h.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([h], lr=lr)
+
+    def x0_of(h: torch.Tensor) -> torch.Tensor:
+        return pipe.schedule.predict_x0(pipe.split.decode(h, enc.skips, enc.temb, ctx), z_T, t_max)
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.mse_loss(x0_of(h), target)
+            (grad,) = torch.autograd.grad(loss, h)
+            h.grad = grad
+            opt.step()
+    return x0_of(h.detach())
+
+
+def probe_split(
+    pipe: RagTurboPipeline, prompts: list[tuple[str, int]], split: str, *, database: str | None = None, fit_steps: int = 0
+) -> list[ProbeRow]:
     """The verifier's mean for every probe of :func:`probe_latents` on ``prompts``."""
     captions = [c for c, _ in prompts]
     rows = []
-    for name, z0 in probe_latents(pipe, prompts, database=database).items():
-        images = _to_uint8(pipe.vae_decode(z0))
+    for name, z0 in probe_latents(pipe, prompts, database=database, fit_steps=fit_steps).items():
+        with torch.inference_mode():
+            images = _to_uint8(pipe.vae_decode(z0))
         score = float(np.mean([verify(img, cap).score for img, cap in zip(images, captions)]))
         rows.append(ProbeRow(name, split, len(captions), score))
     return rows

@@ -86,3 +86,12 @@ def test_eval_probe_command(world_model, tmp_path, capsys):
     # no index: a clear error naming the model, not a traceback
     assert main(["eval", "probe", "--model", str(world_model), "--n", "2"]) == 2
     assert "retrieval database" in capsys.readouterr().err
+
+
+def test_the_fitted_h_brings_the_output_closer_to_the_neighbour(world_model):
+    pipe, z0 = _pipe(world_model, _own_h)
+    latents = probe_latents(pipe, PROMPTS, timesteps=(), fit_steps=40)
+    fitted = latents["H fitted to the neighbour (40 steps)"]
+    off_error = torch.nn.functional.mse_loss(latents["off"], z0)
+    assert torch.nn.functional.mse_loss(fitted, z0) < 0.9 * off_error
+    assert all(p.grad is None for p in pipe.components.unet.parameters())
