@@ -117,11 +117,7 @@ def _leverage(args) -> int:
         rows = [measure_leverage(u, encoder, prompts, t, name=name) for name, u in unets.items() for t in timesteps]
     except ValueError as exc:
         raise CliError(f"{model_dir}: {exc}") from exc
-    print(leverage_markdown(rows, str(model_dir)), end="")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(model_dir), "rows": [r.as_dict() for r in rows]}, indent=2))
-    return 0
+    return _report(args, leverage_markdown(rows, str(model_dir)), model_dir, rows)
 
 
 def _probe(args) -> int:
@@ -138,7 +134,12 @@ def _probe(args) -> int:
             rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database, fit_steps=args.fit_steps)
     except ValueError as exc:
         raise CliError(f"{model_dir}: {exc}") from exc
-    print(probe_markdown(rows, str(model_dir)), end="")
+    return _report(args, probe_markdown(rows, str(model_dir)), model_dir, rows)
+
+
+def _report(args, markdown: str, model_dir, rows) -> int:
+    """Print a command's table; with ``--json``, also write its rows there."""
+    print(markdown, end="")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(model_dir), "rows": [r.as_dict() for r in rows]}, indent=2))
