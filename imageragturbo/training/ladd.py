@@ -135,6 +135,12 @@ class LaddConfig:
     retrieval, the discriminator and the targets keep the true caption. The text path then
     names the wrong thing, as it does for a composition the student never learned, and the
     right content has to come from the retrieved neighbours through the H-space."""
+    copy_weight: float = 0.0
+    """Adapter runs: weight of an auxiliary term that is not in the paper. A second one-step
+    pass from fresh pure noise, with the same prompt context and neighbours, is pulled towards
+    the first retrieved neighbour's latent (smooth L1), the optimum of which is the H that
+    draws the neighbour (`imageragturbo eval probe --fit-steps`). The paper's losses never ask
+    the adapter to carry a neighbour's content; this one does, on train-split neighbours only."""
     lora_rank: int = 8
     lora_targets: str = "attention"
     """``attention`` (the decoder's attention projections) or ``decoder`` (those and the
@@ -437,6 +443,8 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             f"text_swap needs an adapter run on shapes-world prompts and database, got mode {config.mode!r}, "
             f"prompts {config.prompts!r}, database {config.database!r}"
         )
+    if config.copy_weight < 0 or (config.copy_weight > 0 and config.mode != "adapter"):
+        raise ValueError(f"copy_weight must be >= 0 and needs an adapter run, got {config.copy_weight} in mode {config.mode!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.num_threads)
@@ -555,6 +563,14 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             else:
                 loss_distill = loss_lpips = x0_hat.new_zeros(())
             loss_g = loss_adv + config.alpha * loss_distill + config.beta * loss_lpips
+            loss_copy = x0_hat.new_zeros(())
+            if config.copy_weight > 0:
+                z_first = torch.from_numpy(np.asarray(store.latents(keep[:, :1]), dtype=np.float32)[:, 0]).to(device)
+                z_pure = torch.randn(z0.shape, generator=gen).to(device)
+                t_top = torch.full_like(t, config.student_timesteps[0])
+                x0_copy = schedule.predict_x0(generator(z_pure, t_top, ctx_g, h_retr, lam), z_pure, t_top)
+                loss_copy = F.smooth_l1_loss(x0_copy, z_first, beta=1.0)
+                loss_g = loss_g + config.copy_weight * loss_copy
             opt_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             opt_g.step()
@@ -563,6 +579,8 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         losses = {
             "d": loss_d.item(), "adv": loss_adv.item(), "distill": loss_distill.item(), "lpips": loss_lpips.item(),
         }
+        if config.copy_weight > 0:
+            losses["copy"] = loss_copy.item()
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
         bar.update(1)

@@ -51,6 +51,20 @@ def test_resume_continues_from_the_checkpoint(world_like_model, tmp_path):
     assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())["step"] == 2
 
 
+def test_copy_term_is_logged_changes_the_update_and_needs_an_adapter_run(world_like_model, tmp_path):
+    def adapter_after_one_step(name, **overrides):
+        out = ladd.run(_config(world_like_model, "adapter", steps=1, eval_prompts=0, **overrides), tmp_path / name)
+        history = [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+        return load_model(out).adapter.state_dict(), history[-1]
+
+    plain, plain_losses = adapter_after_one_step("plain")
+    copied, copy_losses = adapter_after_one_step("copy", copy_weight=1.0)
+    assert "copy" not in plain_losses and copy_losses["copy"] > 0 and torch.isfinite(torch.tensor(copy_losses["copy"]))
+    assert any(not torch.equal(plain[k], copied[k]) for k in plain)  # same seed: only the copy term differs
+    with pytest.raises(ValueError, match="copy_weight"):
+        ladd.run(_config(world_like_model, "student", copy_weight=1.0), tmp_path / "bad")
+
+
 def test_text_swap_needs_shapes_world_prompts(world_like_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n")
