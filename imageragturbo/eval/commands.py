@@ -43,7 +43,7 @@ def register(sub, group) -> None:
     p.add_argument("--prompts", action="append", default=None,
                    help="test-seen | test-held | a file of 'caption[<TAB>seed]' lines (repeatable; default: both splits)")
     p.add_argument("--fit-steps", type=int, default=0,
-                   help="also fit an H to each neighbour's latent with this many Adam steps (the H-space's bound; 500 ~ 3 min per 100 prompts)")
+                   help="also fit an H to each neighbour's latent with this many Adam steps (what an H-space edit could draw; 0: skip)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.set_defaults(handler=_probe, n=100)
 
