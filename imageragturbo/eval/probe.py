@@ -79,37 +79,36 @@ def probe_latents(
     z_T = z_T.to(device, dtype)
     t_max = pipe.num_train_timesteps - 1
 
-    def one_step(z_t: torch.Tensor, t: int, h: torch.Tensor | None = None) -> torch.Tensor:
+    def one_step(z_t: torch.Tensor, t: int) -> torch.Tensor:
         enc = pipe.split.encode(z_t, torch.full((len(captions),), t, dtype=torch.int64, device=device), ctx)
-        out = pipe.split.decode(enc.h if h is None else h, enc.skips, enc.temb, ctx)
-        return pipe.schedule.predict_x0(out, z_t, t)
+        return pipe.schedule.predict_x0(pipe.split.decode(enc.h, enc.skips, enc.temb, ctx), z_t, t)
 
-    latents = {"off": one_step(z_T, t_max), "neighbour image": z0_nb, "neighbour H": one_step(z_T, t_max, h_nb)}
+    # One encoder pass from pure noise serves off, the neighbour's H and the fitted H.
+    enc_T = pipe.split.encode(z_T, torch.full((len(captions),), t_max, dtype=torch.int64, device=device), ctx)
+
+    def x0_with(h: torch.Tensor) -> torch.Tensor:
+        return pipe.schedule.predict_x0(pipe.split.decode(h, enc_T.skips, enc_T.temb, ctx), z_T, t_max)
+
+    latents = {"off": x0_with(enc_T.h), "neighbour image": z0_nb, "neighbour H": x0_with(h_nb)}
     for t in timesteps:
         latents[f"neighbour at t={t}"] = one_step(pipe.schedule.add_noise(z0_nb, z_T, t), t)
     if fit_steps > 0:
-        latents[f"H fitted to the neighbour ({fit_steps} steps)"] = _fit_h(pipe, z_T, ctx, z0_nb, fit_steps, fit_lr)
+        latents[f"H fitted to the neighbour ({fit_steps} steps)"] = _fit_h(x0_with, enc_T.h, z0_nb, fit_steps, fit_lr)
     return latents
 
 
-def _fit_h(pipe: RagTurboPipeline, z_T: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """x0 of the one-step pass at t = T whose H minimises the mean squared error to ``target``
-    (Adam on H only, from the target prompt's own H)."""
-    t_max = pipe.num_train_timesteps - 1
-    enc = pipe.split.encode(z_T, torch.full((len(z_T),), t_max, dtype=torch.int64, device=z_T.device), ctx)
-    h = enc.h.detach().clone().requires_grad_(True)
+def _fit_h(x0_with, h_start: torch.Tensor, target: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """``x0_with(h)`` for the H that minimises the mean squared error to ``target`` (Adam on H
+    only, from ``h_start``, the target prompt's own H)."""
+    h = h_start.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([h], lr=lr)
-
-    def x0_of(h: torch.Tensor) -> torch.Tensor:
-        return pipe.schedule.predict_x0(pipe.split.decode(h, enc.skips, enc.temb, ctx), z_T, t_max)
-
     with torch.enable_grad():
         for _ in range(steps):
-            loss = torch.nn.functional.mse_loss(x0_of(h), target)
+            loss = torch.nn.functional.mse_loss(x0_with(h), target)
             (grad,) = torch.autograd.grad(loss, h)
             h.grad = grad
             opt.step()
-    return x0_of(h.detach())
+    return x0_with(h.detach())
 
 
 def probe_split(
