@@ -48,7 +48,8 @@ def register(sub, group) -> None:
     p.set_defaults(handler=_probe, n=100)
 
 
-def _open(args, base_only: bool = False):
+def _open(args, base_only: bool = False, with_teacher: bool = True):
+    """(model directory, pipeline, the teacher UNet or None when ``with_teacher`` is False)."""
     from imageragturbo.cli import CliError, default_model_dir
     from imageragturbo.model.loading import load_teacher_unet
     from imageragturbo.model.pipeline import open_pipeline
@@ -56,7 +57,7 @@ def _open(args, base_only: bool = False):
     model_dir = args.model or default_model_dir()
     try:
         pipe = open_pipeline(model_dir, indexes=args.index, base_only=base_only)
-        teacher = load_teacher_unet(model_dir)
+        teacher = load_teacher_unet(model_dir) if with_teacher else None
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     return model_dir, pipe, teacher
@@ -90,7 +91,7 @@ def _table(args) -> int:
     from imageragturbo.eval.fidelity import fidelity_table
 
     model_dir, pipe, teacher = _open(args)
-    _, base_pipe, _ = _open(args, base_only=True)
+    _, base_pipe, _ = _open(args, base_only=True, with_teacher=False)
     report = fidelity_table(pipe, teacher, args.out, n=args.n, k=args.k, database=args.database,
                             model_label=str(model_dir), base_pipe=base_pipe)
     print(f"wrote {args.out / 'fidelity.md'} ({len(report['results'])} rows x splits)")
@@ -125,7 +126,7 @@ def _probe(args) -> int:
     from imageragturbo.eval.fidelity import load_prompts
     from imageragturbo.eval.probe import probe_markdown, probe_split
 
-    model_dir, pipe, _ = _open(args, base_only=True)
+    model_dir, pipe, _ = _open(args, base_only=True, with_teacher=False)
     if args.fit_steps < 0:
         raise CliError(f"--fit-steps must be >= 0, got {args.fit_steps}")
     rows = []

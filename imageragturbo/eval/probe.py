@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from imageragturbo.model.pipeline import RagTurboPipeline
+from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import verify
 
 NOISED_TIMESTEPS = (249, 499, 749)
@@ -43,10 +44,6 @@ class ProbeRow:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "split": self.split, "n": self.n, "mean_score": self.mean_score}
-
-
-def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -119,7 +116,7 @@ def probe_split(
     rows = []
     for name, z0 in probe_latents(pipe, prompts, database=database, fit_steps=fit_steps).items():
         with torch.inference_mode():
-            images = _to_uint8(pipe.vae_decode(z0))
+            images = tensor_to_images(pipe.vae_decode(z0))
         score = float(np.mean([verify(img, cap).score for img, cap in zip(images, captions)]))
         rows.append(ProbeRow(name, split, len(captions), score))
     return rows
