@@ -205,7 +205,7 @@ def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> RetrievalDatab
     # compositions reach the adapter only through retrieval at test time.
     images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2)
     if config.exclude_phrases:
-        keep = [i for i, caption in enumerate(captions) if not _excluded(config, caption)]
+        keep = _kept(config, captions)
         images, captions = images[keep], [captions[i] for i in keep]
     z0, e, h = [], [], []
     for start in range(0, len(captions), 256):
@@ -250,14 +250,15 @@ def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: P
         os.replace(tmp, cache)
 
     if config.exclude_phrases:
-        keep = [i for i, caption in enumerate(syn_captions) if not _excluded(config, caption)]
+        keep = _kept(config, syn_captions)
         logger.info("left out %d of %d synthetic pairs (exclude_phrases)", len(syn_captions) - len(keep), len(syn_captions))
         syn_captions, syn_noise, syn_z0 = [syn_captions[i] for i in keep], syn_noise[keep], syn_z0[keep]
     return TrainingData(syn_captions, syn_noise, syn_z0, _real_database(config, RagTurboPipeline(parts)))
 
 
-def _excluded(config: LaddConfig, caption: str) -> bool:
-    return any(phrase in caption for phrase in config.exclude_phrases)
+def _kept(config: LaddConfig, captions: list[str]) -> list[int]:
+    """Indices of the captions that name none of ``config.exclude_phrases``."""
+    return [i for i, caption in enumerate(captions) if not any(phrase in caption for phrase in config.exclude_phrases)]
 
 
 def _latent_shape(unet) -> tuple[int, int, int]:
