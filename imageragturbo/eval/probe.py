@@ -10,6 +10,9 @@ scores, with the prompt's caption and seed:
   loses much of it);
 - ``neighbour H``: the one-step pass with the target's H-feature replaced by the neighbour's
   stored one (skips, timestep and text stay the target's): what the H-space alone carries;
+- ``neighbour H at t``: the same, with the neighbour's H computed from its latent noised to t
+  (noise independent of the seed, its own caption) instead of the stored clean (t = 0) one:
+  the H-features at a level the one-step model was trained on;
 - ``neighbour at t``: the one-step model's x0 from the neighbour's latent noised to t (the
   seed's noise), with the target's prompt: what the UNet does when the neighbour's layout
   reaches it through every path, as in img2img;
@@ -53,6 +56,7 @@ def probe_latents(
     *,
     database: str | None = None,
     timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
+    h_timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
     fit_steps: int = 0,
     fit_lr: float = 0.3,
 ) -> dict[str, torch.Tensor]:
@@ -87,6 +91,11 @@ def probe_latents(
         return pipe.schedule.predict_x0(pipe.split.decode(h, enc_T.skips, enc_T.temb, ctx), z_T, t_max)
 
     latents = {"off": x0_with(enc_T.h), "neighbour image": z0_nb, "neighbour H": x0_with(h_nb)}
+    ctx_nb = pipe.encoder([row[0] for row in db.store.captions(ids)]).ctx
+    eps_nb = torch.randn(z0_nb.shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    for t in h_timesteps:
+        t_nb = torch.full((len(captions),), t, dtype=torch.int64, device=device)
+        latents[f"neighbour H at t={t}"] = x0_with(pipe.split.encode(pipe.schedule.add_noise(z0_nb, eps_nb, t), t_nb, ctx_nb).h)
     for t in timesteps:
         latents[f"neighbour at t={t}"] = one_step(pipe.schedule.add_noise(z0_nb, z_T, t), t)
     if fit_steps > 0:

@@ -44,8 +44,8 @@ def _own_h(pipe, encoded):
 @torch.inference_mode()
 def test_each_probe_takes_the_neighbour_through_its_own_path(world_model):
     pipe, z0 = _pipe(world_model, _own_h)
-    latents = probe_latents(pipe, PROMPTS, timesteps=(499,))
-    assert list(latents) == ["off", "neighbour image", "neighbour H", "neighbour at t=499"]
+    latents = probe_latents(pipe, PROMPTS, timesteps=(499,), h_timesteps=(249,))
+    assert list(latents) == ["off", "neighbour image", "neighbour H", "neighbour H at t=249", "neighbour at t=499"]
     # off is the pipeline's own one-step output; the neighbour image is the stored latent
     off = pipe([c for c, _ in PROMPTS], [s for _, s in PROMPTS], mode="off").latents
     torch.testing.assert_close(latents["off"], off)
@@ -54,7 +54,12 @@ def test_each_probe_takes_the_neighbour_through_its_own_path(world_model):
     torch.testing.assert_close(latents["neighbour H"], latents["off"])
     # ... and another H changes it
     other, _ = _pipe(world_model, lambda p, e: torch.randn_like(_own_h(p, e)) * 3)
-    assert not torch.allclose(probe_latents(other, PROMPTS, timesteps=())["neighbour H"], latents["off"], atol=1e-3)
+    other_latents = probe_latents(other, PROMPTS, timesteps=(), h_timesteps=(249,))
+    assert not torch.allclose(other_latents["neighbour H"], latents["off"], atol=1e-3)
+    # the H at t is computed from the neighbour's latent, not read from the store: the same
+    # stored latents give the same output whatever H the store holds
+    torch.testing.assert_close(other_latents["neighbour H at t=249"], latents["neighbour H at t=249"])
+    assert not torch.allclose(latents["neighbour H at t=249"], latents["off"], atol=1e-3)
     # the noised neighbour reaches the UNet: a different stored latent, a different x0
     moved = latents["neighbour at t=499"] - latents["off"]
     assert float(moved.abs().max()) > 1e-3
@@ -63,7 +68,8 @@ def test_each_probe_takes_the_neighbour_through_its_own_path(world_model):
 def test_probe_split_scores_every_probe_and_needs_a_database(world_model):
     pipe, _ = _pipe(world_model, _own_h)
     rows = probe_split(pipe, PROMPTS, "test-held")
-    assert [r.name for r in rows] == ["off", "neighbour image", "neighbour H", "neighbour at t=249",
+    assert [r.name for r in rows] == ["off", "neighbour image", "neighbour H", "neighbour H at t=249",
+                                      "neighbour H at t=499", "neighbour H at t=749", "neighbour at t=249",
                                       "neighbour at t=499", "neighbour at t=749"]
     assert all(r.n == 3 and 0.0 <= r.mean_score <= 1.0 and r.split == "test-held" for r in rows)
     bare = RagTurboPipeline(load_model(world_model, base_only=True))
@@ -82,7 +88,7 @@ def test_eval_probe_command(world_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| probe | test-held |" in printed and "| neighbour image |" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and all(np.isfinite(r["mean_score"]) and r["n"] == 3 for r in rows)
+    assert len(rows) == 9 and all(np.isfinite(r["mean_score"]) and r["n"] == 3 for r in rows)
     # no index: a clear error naming the model, not a traceback
     assert main(["eval", "probe", "--model", str(world_model), "--n", "2"]) == 2
     assert "retrieval database" in capsys.readouterr().err
