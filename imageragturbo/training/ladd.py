@@ -497,7 +497,23 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     gen = torch.Generator().manual_seed(config.seed * 1000 + step)
     n_real = round(config.micro_batch_size * config.real_fraction)
     n_syn = config.micro_batch_size - n_real
-    history = []
+
+    def scores() -> dict[str, float]:
+        """The periodic evaluation: the verifier on each split, and for ``text_swap`` runs on
+        test-seen with swapped generator prompts (what the neighbours carry)."""
+        model, result = accelerator.unwrap_model(generator), {}
+        for split, database in eval_sets:
+            result["verifier_" + split.replace("-", "_")] = evaluate(config, parts, model, schedule, encoder, database, split)
+        if config.text_swap > 0:
+            result["verifier_test_seen_swapped"] = evaluate(
+                config, parts, model, schedule, encoder, data.real, "test-seen", swapped=True
+            )
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        return result
+
+    # A fresh run scores its starting point first (the adapter is zero-initialised and the
+    # LoRA starts at zero: the bare student), so every history carries its own baseline.
+    history = [{"step": 0, **scores()}] if config.eval_prompts and step == 0 else []
     last_checkpoint = time.monotonic()
     start = time.monotonic() - elapsed_s
     bar = tqdm(total=config.steps, initial=step, desc=f"ladd {config.mode}", unit="step")
@@ -588,10 +604,7 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         record = {"step": step, **losses}
         if config.eval_prompts and (step % config.eval_every == 0 or step == config.steps):
-            for split, database in eval_sets:
-                key = "verifier_" + split.replace("-", "_")
-                record[key] = evaluate(config, parts, accelerator.unwrap_model(generator), schedule, encoder, database, split)
-                logger.info("step %d: verifier %s %.3f", step, split, record[key])
+            record.update(scores())
         history.append(record)
         if time.monotonic() - last_checkpoint > config.checkpoint_every_s or step == config.steps:
             with (out_dir / "history.jsonl").open("a") as handle:
@@ -605,10 +618,22 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
 @torch.no_grad()
 def evaluate(
-    config, parts, generator: RagDenoiser, schedule, encoder, database: RetrievalDatabase, split: str = "test-seen"
+    config,
+    parts,
+    generator: RagDenoiser,
+    schedule,
+    encoder,
+    database: RetrievalDatabase,
+    split: str = "test-seen",
+    swapped: bool = False,
 ) -> float:
     """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
-    retrieving from ``database``."""
+    retrieving from ``database``.
+
+    ``swapped``: the generator's prompt has one colour or shape swapped (as ``text_swap``
+    trains), while retrieval and the verifier keep the true caption: the score then counts
+    what the neighbours carry into the image against a prompt that names the wrong thing.
+    """
     from imageragturbo.world.splits import eval_prompts
     from imageragturbo.world.verifier import verify_batch
 
@@ -625,9 +650,13 @@ def evaluate(
         ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
         h_retr = torch.from_numpy(np.asarray(database.store.h_features(ids), dtype=np.float32)).to(device)
         lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
+    ctx = encoded.ctx
+    if swapped:
+        rng = np.random.default_rng(0)
+        ctx = encoder([swap_attribute(c, rng) for c in captions]).ctx
     was_training = generator.training
     generator.eval()
-    x0 = schedule.predict_x0(generator(noise, t, encoded.ctx, h_retr, lam), noise, t)
+    x0 = schedule.predict_x0(generator(noise, t, ctx, h_retr, lam), noise, t)
     generator.train(was_training)
     pixels = decode_latents(parts.vae, x0)
     images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

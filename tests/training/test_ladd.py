@@ -31,7 +31,8 @@ def _config(model_dir, mode, **overrides):
 def test_adapter_run_trains_only_adapter_and_lora_and_exports_a_loadable_model(world_like_model, tmp_path):
     out = ladd.run(_config(world_like_model, "adapter"), tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(torch.isfinite(torch.tensor([h["d"], h["adv"], h["distill"], h["lpips"]])).all() for h in history)
+    assert [h["step"] for h in history] == [0, 1, 2] and "d" not in history[0]
+    assert all(torch.isfinite(torch.tensor([h["d"], h["adv"], h["distill"], h["lpips"]])).all() for h in history[1:])
     assert 0.0 <= history[-1]["verifier_test_seen"] <= 1.0
     assert (out / "adapter" / "config.json").is_file() and (out / "unet_lora").is_dir()
     # The exported directory loads through the Foundation loader (LoRA fused, adapter attached).
@@ -47,7 +48,9 @@ def test_resume_continues_from_the_checkpoint(world_like_model, tmp_path):
     ladd.run(_config(world_like_model, "adapter", steps=1, text_drop=0.5, text_swap=0.5), tmp_path / "run")
     ladd.run(_config(world_like_model, "adapter", steps=2, text_drop=0.5, text_swap=0.5), tmp_path / "run", resume=True)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [1, 2]
+    assert [h["step"] for h in history] == [0, 1, 2]  # step 0: the starting point
+    # text_swap runs also score test-seen with swapped generator prompts (retrieval by the truth)
+    assert all(0.0 <= h["verifier_test_seen_swapped"] <= 1.0 for h in history)
     assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())["step"] == 2
 
 
@@ -223,3 +226,38 @@ def test_exclude_phrases_leaves_those_captions_out_of_synthetic_and_real_pairs(w
 
 def _captions(store):
     return store.captions(np.arange(len(store))[None])[0]
+
+
+def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_by_the_truth(world_like_model, monkeypatch):
+    from imageragturbo.model.denoiser import RagDenoiser
+    from imageragturbo.model.schedule import NoiseSchedule
+    from imageragturbo.model.text import PromptEncoder
+    from imageragturbo.world.spec import parse_caption
+
+    config = _config(world_like_model, "adapter", eval_prompts=6)
+    parts = load_model(world_like_model, base_only=True)
+    database = ladd._real_database(config, RagTurboPipeline(parts))
+    generator = ladd.build_generator(config, parts, load_teacher_unet(world_like_model))
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    seen_texts, searched = [], []
+    encode, search = encoder, database.searcher.search
+
+    class Recording:
+        def __call__(self, texts):
+            seen_texts.append(list(texts))
+            return encode(texts)
+
+    def recording_search(q, k, **kwargs):
+        searched.append(q.copy())
+        return search(q, k, **kwargs)
+
+    monkeypatch.setattr(database.searcher, "search", recording_search)
+    schedule = NoiseSchedule.from_scheduler(parts.scheduler)
+    assert isinstance(generator, RagDenoiser)
+    score = ladd.evaluate(config, parts, generator, schedule, Recording(), database, "test-seen", swapped=True)
+    assert 0.0 <= score <= 1.0
+    truth, swapped = seen_texts
+    assert len(truth) == len(swapped) == 6
+    for a, b in zip(truth, swapped):
+        assert a != b and parse_caption(b) is not None  # one attribute swapped, still the grammar
+    np.testing.assert_allclose(searched[0], encode(truth).q.numpy(), rtol=1e-5)  # retrieval by the true caption
