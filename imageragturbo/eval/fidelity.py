@@ -21,6 +21,7 @@ import torch
 from imageragturbo.eval.machine import describe_machine
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
 from imageragturbo.model.sampling import sample_multistep
+from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import CATEGORIES, BenchmarkResult, aggregate, verify
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,7 @@ def teacher_images(
     ctx = pipe.encoder(captions).ctx
     ctx_uncond = pipe.encoder([""]).ctx
     z0 = sample_multistep(teacher_unet, pipe.components.scheduler.config, ctx, ctx_uncond, _initial_noise(pipe, seeds), steps, cfg_scale)
-    pixels = decode_latents(pipe.components.vae, z0)
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return tensor_to_images(decode_latents(pipe.components.vae, z0))
 
 
 def evaluate_fidelity(

@@ -57,7 +57,7 @@ from imageragturbo.model.sampling import sample_multistep
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
-from imageragturbo.training.pretrain_checkpoints import config_from_json, config_to_dict
+from imageragturbo.training.pretrain_checkpoints import config_from_json, config_to_dict, tensor_to_images
 from imageragturbo.world.spec import swap_attribute
 
 logger = logging.getLogger(__name__)
@@ -511,8 +511,9 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 
-    # A fresh run scores its starting point first (the adapter is zero-initialised and the
-    # LoRA starts at zero: the bare student), so every history carries its own baseline.
+    # A fresh run scores its starting point first, so every history carries its own baseline:
+    # the bare student for an adapter run (zero-initialised adapter, LoRA at zero), the
+    # teacher-initialised UNet for a student run.
     history = [{"step": 0, **scores()}] if config.eval_prompts and step == 0 else []
     last_checkpoint = time.monotonic()
     start = time.monotonic() - elapsed_s
@@ -658,9 +659,7 @@ def evaluate(
     generator.eval()
     x0 = schedule.predict_x0(generator(noise, t, ctx, h_retr, lam), noise, t)
     generator.train(was_training)
-    pixels = decode_latents(parts.vae, x0)
-    images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return verify_batch(list(images), captions).mean_score
+    return verify_batch(list(tensor_to_images(decode_latents(parts.vae, x0))), captions).mean_score
 
 
 def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: Path, wall_s: float) -> Path:
