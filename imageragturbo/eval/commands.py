@@ -44,6 +44,7 @@ def register(sub, group) -> None:
                    help="test-seen | test-held | a file of 'caption[<TAB>seed]' lines (repeatable; default: both splits)")
     p.add_argument("--fit-steps", type=int, default=0,
                    help="also fit an H to each neighbour's latent with this many Adam steps (what an H-space edit could draw; 0: skip)")
+    p.add_argument("--fit-lr", type=float, default=0.3, help="the H fit's Adam learning rate (suits H-features of norm ~50)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.set_defaults(handler=_probe, n=100)
 
@@ -126,13 +127,16 @@ def _probe(args) -> int:
     from imageragturbo.eval.fidelity import load_prompts
     from imageragturbo.eval.probe import probe_markdown, probe_split
 
-    model_dir, pipe, _ = _open(args, base_only=True, with_teacher=False)
     if args.fit_steps < 0:
         raise CliError(f"--fit-steps must be >= 0, got {args.fit_steps}")
+    if not args.fit_lr > 0:
+        raise CliError(f"--fit-lr must be > 0, got {args.fit_lr}")
+    model_dir, pipe, _ = _open(args, base_only=True, with_teacher=False)
     rows = []
     try:
         for split in args.prompts or ["test-seen", "test-held"]:
-            rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database, fit_steps=args.fit_steps)
+            rows += probe_split(pipe, load_prompts(split, args.n), split, database=args.database,
+                                fit_steps=args.fit_steps, fit_lr=args.fit_lr)
     except ValueError as exc:
         raise CliError(f"{model_dir}: {exc}") from exc
     return _report(args, probe_markdown(rows, str(model_dir)), model_dir, rows)

@@ -44,9 +44,12 @@ class ProbeRow:
     split: str
     n: int
     mean_score: float
+    latent_mse: float
+    """Mean squared error between the probe's latent and the neighbour's: how close to the
+    neighbour the path lands (0 for the neighbour image itself)."""
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "split": self.split, "n": self.n, "mean_score": self.mean_score}
+        return {"name": self.name, "split": self.split, "n": self.n, "mean_score": self.mean_score, "latent_mse": self.latent_mse}
 
 
 @torch.no_grad()
@@ -118,31 +121,44 @@ def _fit_h(x0_with, h_start: torch.Tensor, target: torch.Tensor, steps: int, lr:
 
 
 def probe_split(
-    pipe: RagTurboPipeline, prompts: list[tuple[str, int]], split: str, *, database: str | None = None, fit_steps: int = 0
+    pipe: RagTurboPipeline,
+    prompts: list[tuple[str, int]],
+    split: str,
+    *,
+    database: str | None = None,
+    fit_steps: int = 0,
+    fit_lr: float = 0.3,
 ) -> list[ProbeRow]:
-    """The verifier's mean for every probe of :func:`probe_latents` on ``prompts``."""
+    """The verifier's mean, and the latent's distance to the neighbour's, for every probe of
+    :func:`probe_latents` on ``prompts``."""
     captions = [c for c, _ in prompts]
+    latents = probe_latents(pipe, prompts, database=database, fit_steps=fit_steps, fit_lr=fit_lr)
     rows = []
-    for name, z0 in probe_latents(pipe, prompts, database=database, fit_steps=fit_steps).items():
+    for name, z0 in latents.items():
         with torch.inference_mode():
             images = tensor_to_images(pipe.vae_decode(z0))
         score = float(np.mean([verify(img, cap).score for img, cap in zip(images, captions)]))
-        rows.append(ProbeRow(name, split, len(captions), score))
+        mse = float(((z0.float() - latents["neighbour image"].float()) ** 2).mean())
+        rows.append(ProbeRow(name, split, len(captions), score, mse))
     return rows
 
 
 def probe_markdown(rows: list[ProbeRow], model: str) -> str:
     splits = list(dict.fromkeys(r.split for r in rows))
     names = list(dict.fromkeys(r.name for r in rows))
-    score = {(r.name, r.split): r.mean_score for r in rows}
+    row = {(r.name, r.split): r for r in rows}
     n = {r.split: r.n for r in rows}
     lines = [
-        f"Verifier mean with the top-1 neighbour's content on each path (model `{model}`; "
+        f"Verifier mean with the top-1 neighbour's content on each path, and the mean squared "
+        f"error between the latent and the neighbour's (model `{model}`; "
         + ", ".join(f"{s} n={n[s]}" for s in splits) + "):",
         "",
-        "| probe | " + " | ".join(splits) + " |",
-        "| --- |" + " ---: |" * len(splits),
+        "| probe | " + " | ".join(splits) + " | " + " | ".join(f"latent MSE, {s}" for s in splits) + " |",
+        "| --- |" + " ---: |" * (2 * len(splits)),
     ]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{score[(name, s)]:.3f}" for s in splits) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{row[(name, s)].mean_score:.3f}" for s in splits)
+            + " | " + " | ".join(f"{row[(name, s)].latent_mse:.3f}" for s in splits) + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -72,6 +72,8 @@ def test_probe_split_scores_every_probe_and_needs_a_database(world_model):
                                       "neighbour H at t=499", "neighbour H at t=749", "neighbour at t=249",
                                       "neighbour at t=499", "neighbour at t=749"]
     assert all(r.n == 3 and 0.0 <= r.mean_score <= 1.0 and r.split == "test-held" for r in rows)
+    mse = {r.name: r.latent_mse for r in rows}
+    assert mse["neighbour image"] == 0.0 and all(v > 0 for k, v in mse.items() if k != "neighbour image")
     bare = RagTurboPipeline(load_model(world_model, base_only=True))
     with pytest.raises(ValueError, match="retrieval database"):
         probe_latents(bare, PROMPTS)
@@ -88,7 +90,10 @@ def test_eval_probe_command(world_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| probe | test-held |" in printed and "| neighbour image |" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 9 and all(np.isfinite(r["mean_score"]) and r["n"] == 3 for r in rows)
+    assert len(rows) == 9 and all(np.isfinite(r["mean_score"]) and np.isfinite(r["latent_mse"]) and r["n"] == 3 for r in rows)
+    # a bad fit setting is a clear error, not a traceback
+    assert main(["eval", "probe", "--model", str(world_model), "--fit-lr", "0"]) == 2
+    assert "--fit-lr must be > 0" in capsys.readouterr().err
     # no index: a clear error naming the model, not a traceback
     assert main(["eval", "probe", "--model", str(world_model), "--n", "2"]) == 2
     assert "retrieval database" in capsys.readouterr().err
