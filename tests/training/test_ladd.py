@@ -229,7 +229,6 @@ def _captions(store):
 
 
 def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_by_the_truth(world_like_model, monkeypatch):
-    from imageragturbo.model.denoiser import RagDenoiser
     from imageragturbo.model.schedule import NoiseSchedule
     from imageragturbo.model.text import PromptEncoder
     from imageragturbo.world.spec import parse_caption
@@ -238,9 +237,9 @@ def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_b
     parts = load_model(world_like_model, base_only=True)
     database = ladd._real_database(config, RagTurboPipeline(parts))
     generator = ladd.build_generator(config, parts, load_teacher_unet(world_like_model))
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    encode = PromptEncoder(parts.tokenizer, parts.text_encoder)
     seen_texts, searched = [], []
-    encode, search = encoder, database.searcher.search
+    search = database.searcher.search
 
     class Recording:
         def __call__(self, texts):
@@ -253,7 +252,6 @@ def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_b
 
     monkeypatch.setattr(database.searcher, "search", recording_search)
     schedule = NoiseSchedule.from_scheduler(parts.scheduler)
-    assert isinstance(generator, RagDenoiser)
     score = ladd.evaluate(config, parts, generator, schedule, Recording(), database, "test-seen", swapped=True)
     assert 0.0 <= score <= 1.0
     truth, swapped = seen_texts
