@@ -10,8 +10,9 @@ adapter) and its pooled output is the retrieval query. A text encoder trained on
 the denoising loss barely separates shapes in its pooled vector (FACTS.md); one trained to
 pick its image among many others has to encode every word that changes the picture.
 
-Data: every caption of the ``train`` split (403 captions, no held-out composition) with
-``images_per_caption`` renders each, drawn once at start. A batch holds ``batch_size``
+Data: every caption of the grammar (525; WORLD.md v2: the text encoder / CLIP is a universal
+component and sees every composition) with ``images_per_caption`` renders each, on uniformly
+drawn styles, drawn once at start. A batch holds ``batch_size``
 *distinct* captions, one random render each, so the InfoNCE targets are exact (no duplicate
 caption is a false negative) and captions that differ only in a position word are negatives
 of each other.
@@ -55,7 +56,7 @@ from imageragturbo.training.pretrain_checkpoints import (
 )
 from imageragturbo.world.render import render
 from imageragturbo.world.spec import SceneSpec, all_specs, caption, parse_caption
-from imageragturbo.world.splits import eval_prompts, item_rng, world_arrays, world_pairs
+from imageragturbo.world.splits import eval_prompts, item_rng, item_style, world_arrays, world_pairs
 from imageragturbo.world.tokenizer import MODEL_MAX_LENGTH, build_world_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -177,16 +178,18 @@ def entity_loss(t: torch.Tensor, positives: torch.Tensor, temperature: float) ->
 
 
 def train_specs() -> list[SceneSpec]:
-    """Every spec of the grammar without a held-out composition (403)."""
-    return [s for s in all_specs() if not s.has_held_out]
+    """Every spec of the grammar (525): CLIP is universal (WORLD.md v2)."""
+    return list(all_specs())
 
 
 def render_pool(specs: list[SceneSpec], per_spec: int, seed: int) -> np.ndarray:
-    """uint8 [len(specs), per_spec, 32, 32, 3]: renders of each train spec, from the train split's streams."""
+    """uint8 [len(specs), per_spec, 32, 32, 3]: renders of each spec from the universal split's streams, styles uniform."""
     pool = np.empty((len(specs), per_spec, 32, 32, 3), np.uint8)
     for i, spec in enumerate(specs):
         for j in range(per_spec):
-            pool[i, j] = render(spec, item_rng("train", seed, i * per_spec + j, stream=_POOL_STREAM))
+            index = i * per_spec + j
+            style = item_style("universal", seed, index)
+            pool[i, j] = render(spec, item_rng("universal", seed, index, stream=_POOL_STREAM), style)
     return pool
 
 
@@ -282,9 +285,9 @@ def main(config_path: str | Path | None, out_dir: str | Path, steps: int | None 
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(specs)} distinct train captions")
     t_pool = time.monotonic()
     pool = render_pool(specs, cfg.images_per_caption, cfg.seed)
-    ids_all = tokenize(tokenizer, [caption(s) for s in specs])  # [403, 16]
+    ids_all = tokenize(tokenizer, [caption(s) for s in specs])  # [525, 16]
     entity_sets = [s.pairs for s in specs]
-    same_entities = torch.tensor([[a == b for b in entity_sets] for a in entity_sets])  # bool [403, 403]
+    same_entities = torch.tensor([[a == b for b in entity_sets] for a in entity_sets])  # bool [525, 525]
     logger.info("rendered %d pool images in %.1f s", pool.shape[0] * pool.shape[1], time.monotonic() - t_pool)
 
     model.train()

@@ -13,9 +13,10 @@ Inputs are a trained VAE (``vae_dir``) and CLIP run (``clip_dir`` with ``tokeniz
 - conditioning: the frozen text encoder's ``last_hidden_state`` [B, 16, D]; the caption is
   replaced by the empty string with probability ``cfg_dropout`` for classifier-free guidance;
 - AdamW with linear warmup and cosine decay; an EMA of the weights (exported);
-- data: ``train_images`` renders of the ``train`` split (no held-out composition), encoded
+- data: ``train_images`` renders of the ``train`` split (no held-out composition, tail pairs at
+  1/20 of their rate, styles uniform: WORLD.md v2), encoded
   once to the VAE's posterior mean and std; a fresh latent sample is drawn every step.
-  Text contexts are computed once per distinct caption (there are 403 train captions).
+  Text contexts are computed once per distinct caption (at most 403 train captions).
 
 Every ``eval_every_s`` seconds the EMA model is scored by the verifier on ``eval_prompts``
 test-seen prompts with ``eval_steps``-step DDIM and CFG ``eval_guidance`` (and one step),

@@ -5,8 +5,8 @@ Usage::
     python -m imageragturbo.training.pretrain_vae --config imageragturbo/training/configs/vae.json \
         --out runs/vae [--steps N] [--resume]
 
-Training images are rendered on the fly from the ``train`` split (no held-out composition
-is ever seen); item ``i`` of step ``s`` is train item ``s * batch_size + i``, so a resumed run
+Training images are rendered on the fly from the ``universal`` split (every composition and
+style, WORLD.md v2: the VAE is a universal component); item ``i`` of step ``s`` is item ``s * batch_size + i``, so a resumed run
 sees exactly the images it would have seen. The loss is per-pixel MSE + L1 plus a small KL
 term. ``decoder_only`` runs fine-tune the decoder of an exported VAE (``init_from``) while its
 encoder, hence its latent space, stays fixed. At the end the latent scaling factor (1 / std of latents over ``scaling_images`` train
@@ -90,16 +90,16 @@ def build_vae(cfg: VaeConfig) -> AutoencoderKL:
 
 
 def train_batch(cfg: VaeConfig, step: int) -> torch.Tensor:
-    """float32 [B, 3, 32, 32] in [-1, 1]: train items ``step * B ... step * B + B - 1``."""
+    """float32 [B, 3, 32, 32] in [-1, 1]: universal items ``step * B ... step * B + B - 1``."""
     start = step * cfg.batch_size
-    images = np.stack([world_pair("train", cfg.seed, start + i)[0] for i in range(cfg.batch_size)])
+    images = np.stack([world_pair("universal", cfg.seed, start + i)[0] for i in range(cfg.batch_size)])
     return images_to_tensor(images)
 
 
 @torch.no_grad()
 def measure_scaling_factor(vae: AutoencoderKL, n_images: int, seed: int) -> float:
-    """1 / std of latent samples over ``n_images`` train images (a stream disjoint from training)."""
-    images, _, _ = world_arrays("train", n_images, seed=seed + 1_000_000)
+    """1 / std of latent samples over ``n_images`` universal images (a stream disjoint from training)."""
+    images, _, _ = world_arrays("universal", n_images, seed=seed + 1_000_000)
     latents = [vae.encode(images_to_tensor(images[i : i + 256])).latent_dist.sample() for i in range(0, n_images, 256)]
     return float(1.0 / torch.cat(latents).std())
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imageragturbo.world.spec import COLOURS, HELD_OUT, KINDS, PALETTE, POSITIONS, SHAPES, Entity, SceneSpec
+from imageragturbo.world.spec import COLOURS, HELD_OUT, KINDS, PALETTE, POSITIONS, SHAPES, TAIL, Entity, SceneSpec
 
 SIZE = 32
 SUPERSAMPLE = 4
@@ -37,12 +37,20 @@ PAIR_H_RANGES = (((6, 10), (10, 22)), ((22, 26), (10, 22)))  # a, b
 PAIR_V_RANGES = (((10, 22), (6, 10)), ((10, 22), (22, 26)))  # a, b
 COUNT_RANGE = ((6, 26), (6, 26))
 
-BACKGROUND_RANGE = (140, 230)
+# Background styles (WORLD.md v2): the base grey g of an image is drawn from its style's band.
+# No caption names the style; only a database (one per style) carries it.
+STYLES: dict[str, tuple[float, float]] = {"dim": (40, 80), "grey": (120, 170), "bright": (200, 240)}
+STYLE_NAMES: tuple[str, ...] = tuple(STYLES)
+DEFAULT_STYLE = "grey"
+# The outer ring's mean grey separates the bands at these values (WORLD.md).
+STYLE_THRESHOLDS = (100.0, 185.0)
 BACKGROUND_SHIFT = 8
 NOISE_SIGMA_MAX = 4.0
 
-# Which (colour, shape) pairs each split may draw from; test-held additionally requires a held-out one.
-SPLITS: tuple[str, ...] = ("train", "test-seen", "test-held", "database")
+# Splits (see splits.py): ``train`` feeds the generators, ``universal`` the VAE and CLIP.
+SPLITS: tuple[str, ...] = ("train", "universal", "test-seen", "test-tail", "test-held", "database")
+# A generator's training stream keeps an image holding a tail pair with this probability.
+TAIL_RATE = 1 / 20
 # Kind mix per split (probabilities in KINDS order). Equal: counting and relations are the hard
 # parts, and an equal mix keeps every kind visible in 100-prompt evaluation subsets.
 KIND_PROBS: dict[str, tuple[float, ...]] = {s: (0.25, 0.25, 0.25, 0.25) for s in SPLITS}
@@ -50,6 +58,10 @@ KIND_PROBS: dict[str, tuple[float, ...]] = {s: (0.25, 0.25, 0.25, 0.25) for s in
 _ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 _SEEN_PAIRS = [p for p in _ALL_PAIRS if p not in HELD_OUT]
 _HELD_PAIRS = sorted(HELD_OUT)
+_TAIL_PAIRS = sorted(TAIL)
+_COMMON_PAIRS = [p for p in _SEEN_PAIRS if p not in TAIL]
+# A split whose every scene holds one of these pairs draws one object from them.
+_REQUIRED = {"test-held": (_HELD_PAIRS, _ALL_PAIRS), "test-tail": (_TAIL_PAIRS, _SEEN_PAIRS)}
 
 
 @dataclass(frozen=True)
@@ -68,35 +80,60 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
 
 
-def sample_spec(rng: np.random.Generator, split: str) -> SceneSpec:
-    """Draw a random scene spec allowed in ``split``.
-
-    ``train`` and ``test-seen`` never contain a held-out composition,
-    ``test-held`` always contains at least one, ``database`` is unrestricted.
-    """
-    _check_split(split)
+def _draw_spec(rng: np.random.Generator, split: str) -> SceneSpec:
     kind = KINDS[rng.choice(len(KINDS), p=KIND_PROBS[split])]
-    pool = _SEEN_PAIRS if split in ("train", "test-seen") else _ALL_PAIRS
 
     def pick(options: list[tuple[str, str]]) -> tuple[str, str]:
         return options[rng.integers(len(options))]
 
+    if split in _REQUIRED:
+        required, others = _REQUIRED[split]
+    else:
+        pools = {"train": _SEEN_PAIRS, "test-seen": _COMMON_PAIRS}
+        required, others = None, pools.get(split, _ALL_PAIRS)
     if kind in ("single", "count"):
-        c, s = pick(_HELD_PAIRS if split == "test-held" else pool)
+        c, s = pick(required or others)
         if kind == "single":
             return SceneSpec("single", (Entity(c, s, 1, POSITIONS[rng.integers(len(POSITIONS))]),))
         return SceneSpec("count", (Entity(c, s, int(rng.integers(2, 4))),))
-    if split == "test-held":
-        # One held-out object, the other anything different, in random order.
-        a = pick(_HELD_PAIRS)
-        b = pick([p for p in _ALL_PAIRS if p != a])
+    if required:
+        # One required object, the other any allowed pair that differs, in random order.
+        a = pick(required)
+        b = pick([p for p in others if p != a])
         if rng.random() < 0.5:
             a, b = b, a
     else:
-        a = pick(pool)
-        b = pick([p for p in pool if p != a])
+        a = pick(others)
+        b = pick([p for p in others if p != a])
     positions = ("left", "right") if kind == "pair_h" else (None, None)
     return SceneSpec(kind, (Entity(*a, 1, positions[0]), Entity(*b, 1, positions[1])))
+
+
+def sample_spec(rng: np.random.Generator, split: str) -> SceneSpec:
+    """Draw a random scene spec allowed in ``split`` (WORLD.md v2's rules).
+
+    - ``train`` (the generators' stream): never a held-out pair; a scene holding a tail pair is
+      kept with probability ``TAIL_RATE`` (else redrawn), so tail pairs appear at 1/20 of
+      their natural rate;
+    - ``universal`` (the VAE's and CLIP's) and ``database``: every composition, natural rate;
+    - ``test-seen``: neither a held-out nor a tail pair; ``test-tail``: at least one tail pair
+      and no held-out pair; ``test-held``: at least one held-out pair.
+    """
+    _check_split(split)
+    while True:
+        spec = _draw_spec(rng, split)
+        if split != "train" or not spec.has_tail or rng.random() < TAIL_RATE:
+            return spec
+
+
+def sample_style(rng: np.random.Generator) -> str:
+    """A style drawn uniformly (WORLD.md: where nothing else is said)."""
+    return STYLE_NAMES[rng.integers(len(STYLE_NAMES))]
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style {style!r} is not one of {STYLE_NAMES}")
 
 
 def _uniform_in(rng: np.random.Generator, ranges: tuple[tuple[float, float], tuple[float, float]]) -> tuple[float, float]:
@@ -163,9 +200,10 @@ def coverage(obj: PlacedObject) -> np.ndarray:
     return out
 
 
-def draw(objects: list[PlacedObject], rng: np.random.Generator) -> np.ndarray:
-    """Draw objects over a random gray background with noise: uint8 [32, 32, 3]."""
-    g = rng.uniform(*BACKGROUND_RANGE)
+def draw(objects: list[PlacedObject], rng: np.random.Generator, style: str = DEFAULT_STYLE) -> np.ndarray:
+    """Draw objects over a noisy grey background of ``style``'s band: uint8 [32, 32, 3]."""
+    _check_style(style)
+    g = rng.uniform(*STYLES[style])
     bg = g + rng.uniform(-BACKGROUND_SHIFT, BACKGROUND_SHIFT, size=3)
     img = np.broadcast_to(bg.astype(np.float32), (SIZE, SIZE, 3)).copy()
     for obj in objects:
@@ -176,6 +214,20 @@ def draw(objects: list[PlacedObject], rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def render(spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
-    """Render ``spec``: uint8 [32, 32, 3] (HWC, RGB), deterministic given ``rng``'s state."""
-    return draw(layout(spec, rng), rng)
+def render(spec: SceneSpec, rng: np.random.Generator, style: str = DEFAULT_STYLE) -> np.ndarray:
+    """Render ``spec`` on ``style``'s background: uint8 [32, 32, 3] (HWC, RGB), deterministic given ``rng``'s state."""
+    return draw(layout(spec, rng), rng, style)
+
+
+def read_style(image: np.ndarray) -> str:
+    """The style of an image (uint8 [32, 32, 3]), read from the median colour of its outer ring.
+
+    Exact on renders: object centres lie in [6, 26] and r <= 5, so the ring is background.
+    """
+    image = np.asarray(image)
+    if image.shape[-3:] != (SIZE, SIZE, 3):
+        raise ValueError(f"expected an image of shape [{SIZE}, {SIZE}, 3], got {image.shape}")
+    ring = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]]).astype(np.float32)
+    grey = float(np.median(ring, axis=0).mean())
+    low, high = STYLE_THRESHOLDS
+    return "dim" if grey < low else ("grey" if grey < high else "bright")

@@ -49,6 +49,8 @@ NUMBER_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 
 # The (colour, shape) pairs no training image may contain (WORLD.md, "Held-out compositions").
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("yellow", "square")})
+# The long tail (WORLD.md v2): pairs a generator trains on at 1/20 of their natural rate.
+TAIL: frozenset[tuple[str, str]] = frozenset({("green", "circle"), ("red", "square")})
 
 # Every word a caption of the grammar can contain; the tokenizer's vocabulary.
 VOCABULARY: tuple[str, ...] = tuple(
@@ -128,6 +130,11 @@ class SceneSpec:
     def has_held_out(self) -> bool:
         """Whether the scene contains a held-out composition (purple triangle, yellow square)."""
         return bool(self.pairs & HELD_OUT)
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the scene contains a tail composition (green circle, red square)."""
+        return bool(self.pairs & TAIL)
 
     @property
     def n_objects(self) -> int:

@@ -1,14 +1,19 @@
-"""The shapes world's data splits and fixed evaluation prompt lists.
+"""The shapes world's data splits and fixed evaluation prompt lists (WORLD.md v2).
 
-Splits (WORLD.md "Held-out compositions"):
+Splits, by who may see them:
 
-- ``train``: scenes without a purple triangle or a yellow square. The only split the
-  VAE, the text encoder / CLIP, the teacher, the student and the adapter may see.
-- ``test-seen``: same distribution as ``train`` (seen compositions only), drawn from
-  a disjoint random stream, so images never repeat train images.
-- ``test-held``: only scenes that contain a purple triangle or a yellow square
-  (singles and counts of a held-out pair; pairs with at least one held-out object).
-- ``database``: every composition including the held-out ones: the retrieval database.
+- ``train``: the generators' stream (teacher, student, adapter): no purple triangle or yellow
+  square; a scene holding a tail pair (green circle, red square) is kept with probability 1/20.
+- ``universal``: the universal components' stream (VAE, text encoder / CLIP): every
+  composition at its natural rate, like the web SD's VAE and OpenCLIP saw.
+- ``test-seen``: neither a held-out nor a tail pair; ``test-tail``: at least one tail pair and
+  no held-out pair; ``test-held``: at least one held-out pair.
+- ``database``: every composition at its natural rate; one database per style renders the
+  same scenes on that style's background.
+
+Styles: every image has one (``render.STYLES``). Where the caller names none it is drawn
+uniformly from the item's own style stream, so the scene (layout, colours, noise) of item ``i``
+is the same whatever its style.
 
 Kind mix: every split draws its kind uniformly from single, pair_h, pair_v, count
 (``render.KIND_PROBS``), then colours/shapes uniformly from the split's pool,
@@ -28,12 +33,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from imageragturbo.world.render import SPLITS, render, sample_spec
+from imageragturbo.world.render import SPLITS, render, sample_spec, sample_style
 from imageragturbo.world.spec import SceneSpec, caption
 
-_SPLIT_CODE = {"train": 101, "test-seen": 202, "test-held": 303, "database": 404}
+_SPLIT_CODE = {"train": 101, "test-seen": 202, "test-held": 303, "database": 404, "universal": 505, "test-tail": 606}
 _PAIRS_STREAM = 1
 _EVAL_STREAM = 2
+_STYLE_STREAM = 7  # distinct from every other stream (pretrain_clip uses 3)
 EVAL_SEED = 20261122
 
 
@@ -50,30 +56,37 @@ def item_rng(split: str, seed: int, index: int, stream: int = _PAIRS_STREAM) -> 
     return np.random.default_rng(np.random.SeedSequence([_split_code(split), stream, seed, index]))
 
 
-def world_pair(split: str, seed: int, index: int) -> tuple[np.ndarray, str, SceneSpec]:
-    """One (image uint8 [32, 32, 3], caption, spec) triple of ``split``."""
+def item_style(split: str, seed: int, index: int) -> str:
+    """The uniformly drawn style of item ``index`` (its own stream: the scene does not depend on it)."""
+    return sample_style(item_rng(split, seed, index, stream=_STYLE_STREAM))
+
+
+def world_pair(split: str, seed: int, index: int, style: str | None = None) -> tuple[np.ndarray, str, SceneSpec]:
+    """One (image uint8 [32, 32, 3], caption, spec) triple of ``split``, on ``style`` (None: drawn)."""
     rng = item_rng(split, seed, index)
     spec = sample_spec(rng, split)
-    return render(spec, rng), caption(spec), spec
+    return render(spec, rng, style or item_style(split, seed, index)), caption(spec), spec
 
 
-def iter_world_pairs(split: str, n: int | None, seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, str, SceneSpec]]:
+def iter_world_pairs(
+    split: str, n: int | None, seed: int = 0, start: int = 0, style: str | None = None
+) -> Iterator[tuple[np.ndarray, str, SceneSpec]]:
     """Items ``start, start+1, ...`` of a split (endless if ``n`` is None)."""
     _split_code(split)
     i = start
     while n is None or i < start + n:
-        yield world_pair(split, seed, i)
+        yield world_pair(split, seed, i, style)
         i += 1
 
 
-def world_pairs(split: str, n: int, seed: int = 0) -> list[tuple[np.ndarray, str, SceneSpec]]:
+def world_pairs(split: str, n: int, seed: int = 0, style: str | None = None) -> list[tuple[np.ndarray, str, SceneSpec]]:
     """``n`` (image uint8 [32, 32, 3], caption, spec) triples of ``split``."""
-    return list(iter_world_pairs(split, n, seed))
+    return list(iter_world_pairs(split, n, seed, style=style))
 
 
-def world_arrays(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[SceneSpec]]:
+def world_arrays(split: str, n: int, seed: int = 0, style: str | None = None) -> tuple[np.ndarray, list[str], list[SceneSpec]]:
     """Like :func:`world_pairs` but images stacked: uint8 [n, 32, 32, 3], captions, specs."""
-    pairs = world_pairs(split, n, seed)
+    pairs = world_pairs(split, n, seed, style)
     if not pairs:
         return np.zeros((0, 32, 32, 3), np.uint8), [], []
     images, captions, specs = zip(*pairs)
@@ -84,7 +97,7 @@ def eval_prompts(split: str, n: int = 200) -> list[tuple[str, int]]:
     """The fixed evaluation prompts of a split: ``n`` (caption, seed) pairs.
 
     The seed is for the generator's initial noise; the same (caption, seed) list is
-    returned on every machine. Only ``test-seen`` and ``test-held`` are meant for
+    returned on every machine. ``test-seen``, ``test-tail`` and ``test-held`` are meant for
     evaluation, but any split is accepted.
     """
     out = []

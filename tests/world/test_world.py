@@ -12,7 +12,11 @@ from imageragturbo.world.render import (
     PAIR_V_RANGES,
     R_RANGE,
     SINGLE_RANGES,
+    STYLE_NAMES,
+    STYLES,
+    TAIL_RATE,
     layout,
+    read_style,
     render,
     sample_spec,
 )
@@ -22,6 +26,7 @@ from imageragturbo.world.spec import (
     KINDS,
     POSITIONS,
     SHAPES,
+    TAIL,
     Entity,
     SceneSpec,
     all_specs,
@@ -29,7 +34,7 @@ from imageragturbo.world.spec import (
     parse_caption,
     swap_attribute,
 )
-from imageragturbo.world.splits import eval_prompts, item_rng, world_arrays, world_pair
+from imageragturbo.world.splits import eval_prompts, item_rng, item_style, world_arrays, world_pair
 from imageragturbo.world.verifier import CATEGORIES, aggregate, detect, verify, verify_batch
 
 
@@ -91,15 +96,41 @@ def test_placement_ranges_sizes_and_distances():
                     assert d >= MIN_CENTRE_DISTANCE, (spec, objs)
 
 
-def test_background_is_light_gray_and_palette_is_exact():
-    img, _, spec = world_pair("train", 0, 3)
-    corners = img[[0, 0, -1, -1], [0, -1, 0, -1]].astype(int)
-    # Background: g in [140, 230], per-channel shift <= 8, noise sigma <= 4 (5 sigma margin).
-    assert corners.min() >= 140 - 8 - 20 and corners.max() <= 230 + 8 + 20
-    assert (corners.max(-1) - corners.min(-1)).max() <= 16 + 40
-    # A large object's interior pixel is within noise of its palette colour.
-    big = render(parse_caption("a blue square in the center"), np.random.default_rng(1)).astype(int)
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_background_band_of_each_style_and_palette_is_exact(style):
+    low, high = STYLES[style]
+    for i in range(20):
+        img, _, _ = world_pair("database", 0, i, style=style)
+        ring = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(int)
+        # g in the band, per-channel shift <= 8, noise sigma <= 4 (the median removes the noise).
+        grey = np.median(ring, axis=0)
+        assert low - 8 <= grey.min() and grey.max() <= high + 8, (style, grey)
+    big = render(parse_caption("a blue square in the center"), np.random.default_rng(1), style).astype(int)
     assert np.abs(big[16, 16] - np.array([40, 80, 230])).max() <= 20
+
+
+def test_style_read_out_is_exact_on_renders():
+    for split in ("train", "universal", "test-held", "database"):
+        for i in range(150):
+            style = STYLE_NAMES[i % 3]
+            assert read_style(world_pair(split, 4, i, style=style)[0]) == style
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        read_style(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="style 'sepia'"):
+        render(parse_caption("a red circle on the left"), np.random.default_rng(0), "sepia")
+
+
+def test_same_scene_in_every_style_and_styles_drawn_uniformly():
+    scenes = [world_pair("database", 1, 7, style=s) for s in STYLE_NAMES]
+    assert len({c for _, c, _ in scenes}) == 1
+    # Only the background differs: the object pixels sit at the same places.
+    fg = [np.abs(im.astype(int) - np.median(im[0], axis=0)).max(-1) > 60 for im, _, _ in scenes]
+    assert (fg[0] == fg[2]).mean() > 0.97
+    counts = {s: 0 for s in STYLE_NAMES}
+    for i in range(3000):
+        counts[item_style("train", 0, i)] += 1
+    assert all(abs(c / 3000 - 1 / 3) < 0.04 for c in counts.values()), counts
+    assert item_style("train", 0, 5) == read_style(world_pair("train", 0, 5)[0])
 
 
 # ---- splits ------------------------------------------------------------------------------
@@ -113,11 +144,40 @@ def test_database_covers_every_kind_pair_and_position():
     assert any(s.has_held_out for s in specs)
 
 
-def test_train_and_test_seen_never_hold_out_pairs():
-    for split in ("train", "test-seen"):
+def test_generator_stream_never_holds_a_held_out_pair():
+    for split in ("train", "test-seen", "test-tail"):
         specs = _specs(split, 2000)
         assert not any(s.has_held_out for s in specs), split
         assert {s.kind for s in specs} == set(KINDS)
+
+
+def test_generator_stream_holds_tail_pairs_near_one_twentieth_of_their_natural_rate():
+    n = 20_000
+    train = _specs("train", n)
+    natural = [s for s in _specs("universal", n) if not s.has_held_out]  # the same pool, untilted
+    p_nat = sum(s.has_tail for s in natural) / len(natural)
+    p_train = sum(s.has_tail for s in train) / n
+    # Keeping a tail scene with probability 1/20: odds(tail) fall by exactly 20.
+    odds_ratio = (p_nat / (1 - p_nat)) / (p_train / (1 - p_train))
+    assert 1 / TAIL_RATE * 0.8 < odds_ratio < 1 / TAIL_RATE * 1.25, (p_nat, p_train, odds_ratio)
+    assert {p for s in train for p in s.pairs} >= set(TAIL)  # rare, never absent
+
+
+def test_universal_stream_and_database_hold_every_composition_at_its_natural_rate():
+    for split in ("universal", "database"):
+        specs = _specs(split, 3000)
+        pairs = [e.pair for s in specs for e in s.entities]
+        rate = {p: pairs.count(p) / len(pairs) for p in set(pairs)}
+        assert set(rate) == {(c, sh) for c in COLOURS for sh in SHAPES}, split
+        assert max(rate.values()) < 2 * min(rate.values()), (split, rate)
+
+
+def test_test_seen_and_test_tail_splits():
+    seen, tail = _specs("test-seen", 1000), _specs("test-tail", 1000)
+    assert not any(s.has_tail for s in seen)
+    assert all(s.has_tail and not s.has_held_out for s in tail)
+    assert {p for s in tail for p in s.pairs} >= set(TAIL)
+    assert {s.kind for s in tail} == set(KINDS)
 
 
 def test_test_held_only_held_out_scenes():
@@ -132,6 +192,7 @@ def test_eval_prompts_are_fixed_and_in_split():
     assert a == eval_prompts("test-held", 50) and a == eval_prompts("test-held", 200)[:50]
     assert all(parse_caption(c).has_held_out for c, _ in a)
     assert not any(parse_caption(c).has_held_out for c, _ in eval_prompts("test-seen", 200))
+    assert all(parse_caption(c).has_tail for c, _ in eval_prompts("test-tail", 200))
     assert len({seed for _, seed in eval_prompts("test-seen", 200)}) == 200
     with pytest.raises(ValueError, match="validation"):
         eval_prompts("validation", 3)
@@ -199,9 +260,9 @@ def test_parse_errors_name_the_bad_word(text, needle):
 
 @pytest.fixture(scope="module")
 def fresh_renders():
-    """600 ground-truth renders, 150 per split, from a seed no other test uses."""
+    """900 ground-truth renders, 150 per split (styles drawn uniformly), from a seed no other test uses."""
     out = []
-    for split in ("train", "test-seen", "test-held", "database"):
+    for split in ("train", "test-seen", "test-tail", "test-held", "universal", "database"):
         images, captions, _ = world_arrays(split, 150, seed=99)
         out += list(zip(images, captions))
     return out
@@ -209,12 +270,19 @@ def fresh_renders():
 
 def test_verifier_on_ground_truth_renders(fresh_renders):
     bench = verify_batch([im for im, _ in fresh_renders], [c for _, c in fresh_renders])
-    assert bench.n == 600
+    assert bench.n == 900
     assert bench.mean_score >= 0.99, bench
     assert bench.strict >= 0.97, bench
     assert set(bench.per_category) == set(CATEGORIES)
     assert all(bench.per_category[c] >= 0.98 for c in CATEGORIES), bench.per_category
     assert set(bench.per_kind) == set(KINDS)
+
+
+@pytest.mark.parametrize("style", STYLE_NAMES)
+def test_verifier_on_ground_truth_renders_of_every_style(style):
+    images, captions, _ = world_arrays("database", 300, seed=98, style=style)
+    bench = verify_batch(list(images), captions)
+    assert bench.mean_score >= 0.99, (style, bench)
 
 
 def test_verifier_rejects_shuffled_captions(fresh_renders):
