@@ -1,8 +1,9 @@
-"""The shapes world (WORLD.md): scene specs and captions, renderer, splits, verifier."""
+"""The shapes world (v2): scene specs and captions, renderer, styles, splits, verifier."""
 
 from imageragturbo.world.render import render, sample_spec
 from imageragturbo.world.spec import Entity, SceneSpec, caption, parse_caption
 from imageragturbo.world.splits import eval_prompts, world_pairs
+from imageragturbo.world.style import read_style, restyle
 from imageragturbo.world.verifier import BenchmarkResult, VerifierResult, aggregate, verify, verify_batch
 
 __all__ = [
@@ -14,7 +15,9 @@ __all__ = [
     "caption",
     "eval_prompts",
     "parse_caption",
+    "read_style",
     "render",
+    "restyle",
     "sample_spec",
     "verify",
     "verify_batch",

@@ -218,16 +218,3 @@ def render(spec: SceneSpec, rng: np.random.Generator, style: str = DEFAULT_STYLE
     """Render ``spec`` on ``style``'s background: uint8 [32, 32, 3] (HWC, RGB), deterministic given ``rng``'s state."""
     return draw(layout(spec, rng), rng, style)
 
-
-def read_style(image: np.ndarray) -> str:
-    """The style of an image (uint8 [32, 32, 3]), read from the median colour of its outer ring.
-
-    Exact on renders: object centres lie in [6, 26] and r <= 5, so the ring is background.
-    """
-    image = np.asarray(image)
-    if image.shape[-3:] != (SIZE, SIZE, 3):
-        raise ValueError(f"expected an image of shape [{SIZE}, {SIZE}, 3], got {image.shape}")
-    ring = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]]).astype(np.float32)
-    grey = float(np.median(ring, axis=0).mean())
-    low, high = STYLE_THRESHOLDS
-    return "dim" if grey < low else ("grey" if grey < high else "bright")

@@ -16,7 +16,6 @@ from imageragturbo.world.render import (
     STYLES,
     TAIL_RATE,
     layout,
-    read_style,
     render,
     sample_spec,
 )
@@ -34,6 +33,7 @@ from imageragturbo.world.spec import (
     parse_caption,
     swap_attribute,
 )
+from imageragturbo.world.style import read_style, restyle
 from imageragturbo.world.splits import eval_prompts, item_rng, item_style, world_arrays, world_pair
 from imageragturbo.world.verifier import CATEGORIES, aggregate, detect, verify, verify_batch
 
@@ -118,6 +118,17 @@ def test_style_read_out_is_exact_on_renders():
         read_style(np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="style 'sepia'"):
         render(parse_caption("a red circle on the left"), np.random.default_rng(0), "sepia")
+
+
+def test_restyle_moves_the_background_and_keeps_the_objects():
+    images, captions, _ = world_arrays("database", 120, seed=12, style="grey")
+    rng = np.random.default_rng(0)
+    for style in STYLE_NAMES:
+        moved = [restyle(im, style, rng) for im in images]
+        assert all(read_style(im) == style for im in moved), style
+        assert verify_batch(moved, captions).mean_score >= 0.99, style
+    with pytest.raises(ValueError, match="style 'sepia'"):
+        restyle(images[0], "sepia", rng)
 
 
 def test_same_scene_in_every_style_and_styles_drawn_uniformly():
