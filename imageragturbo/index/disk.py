@@ -286,6 +286,49 @@ def rebuild_command(path: Path, manifest: dict, model_dir: str | Path | None = N
     return f"imageragturbo build-index --out {path}{model} {what} --searcher {kind} --overwrite"
 
 
+DATABASES_DIR = "databases"
+DATABASES_FILE = "databases.json"
+LEGACY_DATABASE_DIR = "index"
+LEGACY_DATABASE_NAME = "default"
+
+
+def model_databases(model_dir: str | Path) -> list[str]:
+    """The databases a model directory carries, as ``NAME=DIR`` specs with the default first.
+
+    ``<model>/databases/<name>/`` folders (the default named by ``databases/databases.json``,
+    ``{"default": "grey"}``, else the first by name), or an older model's single
+    ``<model>/index/`` (named ``default``). This is the one place that decides which database a
+    model serves by default.
+    """
+    model_dir = Path(model_dir)
+    root = model_dir / DATABASES_DIR
+    if root.is_dir():
+        names = sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
+        default = names[0] if names else None
+        listing = root / DATABASES_FILE
+        if listing.is_file():
+            try:
+                default = json.loads(listing.read_text())["default"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise IndexLoadError(f"{listing}: expected {{\"default\": NAME}}: {exc}") from exc
+            if default not in names:
+                raise IndexLoadError(f"{listing}: default database {default!r} is not one of {names} in {root}")
+        names.sort(key=lambda name: name != default)
+        return [f"{name}={root / name}" for name in names]
+    legacy = model_dir / LEGACY_DATABASE_DIR
+    return [f"{LEGACY_DATABASE_NAME}={legacy}"] if legacy.is_dir() else []
+
+
+def write_databases_file(model_dir: str | Path, default: str) -> None:
+    """Name ``default`` as the model's default database (``databases/databases.json``)."""
+    root = Path(model_dir) / DATABASES_DIR
+    if not (root / default / MANIFEST).is_file():
+        raise IndexLoadError(f"no database {default!r} in {root}")
+    tmp = root / (DATABASES_FILE + ".tmp")
+    tmp.write_text(json.dumps({"default": default}, indent=2) + "\n")
+    os.replace(tmp, root / DATABASES_FILE)
+
+
 def parse_index_spec(spec: str) -> tuple[str, Path]:
     """``"NAME=DIR"`` -> (NAME, DIR); a bare ``"DIR"`` is named after the folder."""
     if not isinstance(spec, str) or not spec.strip():

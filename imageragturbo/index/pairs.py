@@ -57,13 +57,18 @@ def _load_image(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
 
 
 class WorldPairs:
-    """The shapes world's ``database`` split (every composition, held-out ones included)."""
+    """The shapes world's ``database`` split (every composition at its natural rate, held-out
+    and tail ones included), rendered in one background ``style`` (None: drawn per item)."""
 
-    def __init__(self, n: int, seed: int = 0, split: str = "database"):
+    def __init__(self, n: int, seed: int = 0, split: str = "database", style: str | None = None):
+        from imageragturbo.world.render import STYLE_NAMES
+
         if n < 1:
             raise PairSourceError(f"--world needs a positive number of pairs, got {n}")
-        self.n, self.seed, self.split = n, seed, split
-        self.description = {"kind": "world", "split": split, "n": n, "seed": seed}
+        if style is not None and style not in STYLE_NAMES:
+            raise PairSourceError(f"--style must be one of {', '.join(STYLE_NAMES)}, got {style!r}")
+        self.n, self.seed, self.split, self.style = n, seed, split, style
+        self.description = {"kind": "world", "split": split, "n": n, "seed": seed, "style": style}
 
     def __len__(self) -> int:
         return self.n
@@ -72,10 +77,11 @@ class WorldPairs:
         from imageragturbo.world.splits import iter_world_pairs
 
         images, captions, ids = [], [], []
-        for offset, (image, text, _spec) in enumerate(iter_world_pairs(self.split, stop - start, self.seed, start)):
+        for offset, (image, text, _spec) in enumerate(iter_world_pairs(self.split, stop - start, self.seed, start, self.style)):
             images.append(fit_image(Image.fromarray(image), size))
             captions.append(text)
-            ids.append(f"world/{self.split}/{self.seed}/{start + offset}")
+            style = f"{self.style}/" if self.style else ""
+            ids.append(f"world/{self.split}/{style}{self.seed}/{start + offset}")
         return PairBatch(np.stack(images), captions, ids)
 
 

@@ -328,18 +328,18 @@ def open_pipeline(
     """A model directory and its retrieval databases, as the CLI and the server open them.
 
     ``indexes`` are ``NAME=DIR`` (or ``DIR``) specs, the first being the default database;
-    None means ``<model_dir>/index`` when that folder exists. Raises ``ModelLoadError`` or
+    None means the model directory's own databases (``index.disk.model_databases``). Raises ``ModelLoadError`` or
     ``IndexLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves out
     the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the torch
     modules run.
     """
-    from imageragturbo.index.disk import IndexLoadError, load_database, parse_index_spec
+    from imageragturbo.index.disk import IndexLoadError, load_database, model_databases, parse_index_spec
 
     model_dir = Path(model_dir)
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)
     pipe = RagTurboPipeline(parts)
     if indexes is None:
-        indexes = [f"index={model_dir / 'index'}"] if (model_dir / "index").is_dir() else []
+        indexes = model_databases(model_dir)
     for spec in indexes:
         name, path = parse_index_spec(spec)
         try:

@@ -30,14 +30,14 @@ def register(sub, group) -> None:
             p.add_argument("--install", action="store_true",
                            help="put the trained parts into the model directory (student: unet/ + teacher/; adapter: adapter/ + unet_lora/)")
         p.set_defaults(handler=_train, run_name=name)
-    p = train.add_parser("world", help="reproduce models/shapes-v1 from nothing: vae, clip, teacher, student, adapter")
-    p.add_argument("--out", type=Path, default=Path("models/shapes-v1"))
+    p = train.add_parser("world", help="reproduce models/shapes-v2 from nothing: vae, clip, teacher, student, databases, adapter, control")
+    p.add_argument("--out", type=Path, default=Path("models/shapes-v2"))
     p.add_argument("--work", type=Path, default=Path("runs/world"), help="run folders of the stages")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--configs", type=Path, default=CONFIG_DIR,
                    help="folder with every stage's config file (default: the package's configs/)")
-    p.add_argument("--index-pairs", type=int, default=WORLD_INDEX_PAIRS,
-                   help=f"database-split pairs in the bundled index (default {WORLD_INDEX_PAIRS})")
+    p.add_argument("--index-pairs", type=int, default=3072,
+                   help="database-split pairs in each style database (default 3072)")
     p.add_argument("--eval-prompts", type=int, default=200, help="prompts per split in the teacher's evaluation")
     p.set_defaults(handler=_world)
 
@@ -61,27 +61,14 @@ def _train(args) -> int:
     return 0
 
 
-WORLD_INDEX_PAIRS = 4096
-
-
 def _world(args) -> int:
-    """Pretraining recipe (VAE, CLIP, teacher, export), then the student, the index built with
-    the student's encoder, and the adapter, each installed into ``--out``."""
+    """The whole recipe (``training.world_recipe.build_world``) into ``--out``."""
     from imageragturbo.cli import CliError
-    from imageragturbo.index.build import build_index
-    from imageragturbo.index.pairs import WorldPairs
-    from imageragturbo.model.pipeline import RagTurboPipeline
-    from imageragturbo.training import ladd, world_recipe
+    from imageragturbo.training import world_recipe
 
-    missing = [name for name in (*world_recipe.STAGE_CONFIGS, RUNS["student"][1], RUNS["adapter"][1])
-               if not (args.configs / name).is_file()]
-    if missing:
-        raise CliError(f"{args.configs}: missing config file(s) {', '.join(missing)}")
-    world_recipe.run(args.work, args.out, resume=args.resume, configs=args.configs, eval_prompts=args.eval_prompts)
-    ladd.main(args.configs / RUNS["student"][1], args.work / "student", resume=args.resume,
-              model_dir=str(args.out), install_into=args.out)
-    pipe = RagTurboPipeline.from_pretrained(args.out)
-    build_index(pipe, WorldPairs(args.index_pairs), args.out / "index", overwrite=True)
-    ladd.main(args.configs / RUNS["adapter"][1], args.work / "adapter", resume=args.resume,
-              model_dir=str(args.out), install_into=args.out, eval_index=str(args.out / "index"))
+    try:
+        world_recipe.build_world(args.out, args.work, resume=args.resume, configs=args.configs,
+                                 index_pairs=args.index_pairs, eval_prompts=args.eval_prompts)
+    except world_recipe.RecipeError as exc:
+        raise CliError(str(exc)) from exc
     return 0

@@ -141,6 +141,18 @@ class LaddConfig:
     the first retrieved neighbour's latent (smooth L1), the optimum of which is the H that
     draws the neighbour (`imageragturbo eval probe --fit-steps`). The paper's losses never ask
     the adapter to carry a neighbour's content; this one does, on train-split neighbours only."""
+    style_targets: bool = False
+    """Adapter runs on a ``world:N`` database (WORLD.md v2's styles): every item's target gets a
+    style drawn independently of its noise and prompt, and its neighbours come from the training
+    database rendered in that style. The teacher's samples are re-styled in pixel space
+    (``world.style.restyle``: the objects kept, the background moved into the band) and
+    re-encoded by the universal VAE; real pairs are rendered in the drawn style. No caption
+    names the style, so only the retrieved H-features can tell the generator the background:
+    reading the neighbours is what the loss rewards."""
+    retrieval: bool = True
+    """``False`` is the control the paper never ran: the same adapter run (same data, steps,
+    LoRA, trainable parameters) with the gate fixed to 0, so nothing retrieved reaches the
+    image. Claims about retrieval are made against this run, not against the untouched student."""
     lora_rank: int = 8
     lora_targets: str = "attention"
     """``attention`` (the decoder's attention projections) or ``decoder`` (those and the
@@ -158,8 +170,8 @@ class LaddConfig:
     """Verifier score on this many shapes-world test-seen prompts during training (0: none)."""
     eval_index: str = ""
     """Adapter runs: an index folder built with this model (e.g. ``models/shapes-v1/index``)
-    that also holds the held-out compositions; when set, the periodic evaluation also scores
-    test-held prompts retrieving from it. Evaluation only: training never reads it."""
+    that also holds the held-out and tail compositions at their natural rate; when set, the
+    periodic evaluation also scores test-tail and test-held prompts retrieving from it. Evaluation only: training never reads it."""
 
 
 def load_config(path: str | Path | None = None, **overrides) -> LaddConfig:
@@ -170,6 +182,16 @@ def load_config(path: str | Path | None = None, **overrides) -> LaddConfig:
 
 
 @dataclass
+class StyledRows:
+    """The training database rendered in every style: the same scenes and captions (so one
+    searcher and one set of text embeddings serve all styles), each style's latents and H."""
+
+    styles: tuple[str, ...]
+    z0: np.ndarray  # float32 [S, N, c, h, w]
+    h: np.ndarray  # float32 [S, N, C, h', w']
+
+
+@dataclass
 class TrainingData:
     """Synthetic pairs (noise -> teacher z0) and the real pairs' database (retrieval + D's reals)."""
 
@@ -177,6 +199,8 @@ class TrainingData:
     syn_noise: torch.Tensor  # float32 [N, c, h, w]
     syn_z0: torch.Tensor  # float32 [N, c, h, w]: the teacher's CFG sample from syn_noise
     real: RetrievalDatabase  # store rows: z0, L2-normalised text embedding, H at t = 0, caption
+    styled: StyledRows | None = None  # style_targets runs: the database in every style
+    syn_z0_styled: torch.Tensor | None = None  # float32 [S, N, c, h, w]: syn_z0 re-styled per style
 
 
 def _train_prompts(config: LaddConfig, n: int) -> list[str]:
@@ -191,33 +215,67 @@ def _train_prompts(config: LaddConfig, n: int) -> list[str]:
     return [lines[i] for i in rng.integers(0, len(lines), size=n)]
 
 
-def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> RetrievalDatabase:
-    kind, _, count = config.database.partition(":")
-    if kind != "world":
-        from imageragturbo.index.disk import load_database
-
-        return load_database("train", config.database, model_id=pipe.components.model_id)
-    if not count.isdigit():
-        raise ValueError(f"database must be 'world:N' or an index folder, got {config.database!r}")
-    from imageragturbo.world.splits import world_arrays
-
-    # The train split never holds a purple triangle or a yellow square: the held-out
-    # compositions reach the adapter only through retrieval at test time.
-    images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2)
-    if config.exclude_phrases:
-        keep = _kept(config, captions)
-        images, captions = images[keep], [captions[i] for i in keep]
+def _encode_rows(pipe: RagTurboPipeline, images: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 [N, H, W, 3] + captions -> (z0, e, h) float32 numpy rows, in chunks of 256."""
     z0, e, h = [], [], []
     for start in range(0, len(captions), 256):
         z0.append(pipe.encode_images(images[start : start + 256]))
         e_chunk, h_chunk = pipe.encode_database_rows(z0[-1], captions[start : start + 256])
         e.append(e_chunk)
         h.append(h_chunk)
-    e_all = torch.cat(e).numpy()
-    store = InMemoryFeatureStore(
-        e_all, torch.cat(h).numpy(), captions, pipe.components.model_id, z0=torch.cat(z0).numpy()
-    )
-    return RetrievalDatabase("train", ExactSearcher(e_all), store)
+    return torch.cat(z0).numpy(), torch.cat(e).numpy(), torch.cat(h).numpy()
+
+
+def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> tuple[RetrievalDatabase, StyledRows | None]:
+    """The real pairs / training database, and (``style_targets``) the same rows in every style."""
+    kind, _, count = config.database.partition(":")
+    if kind != "world":
+        if config.style_targets:
+            raise ValueError(f"style_targets needs a 'world:N' database, got {config.database!r}")
+        from imageragturbo.index.disk import load_database
+
+        return load_database("train", config.database, model_id=pipe.components.model_id), None
+    if not count.isdigit():
+        raise ValueError(f"database must be 'world:N' or an index folder, got {config.database!r}")
+    from imageragturbo.world.render import DEFAULT_STYLE, STYLE_NAMES
+    from imageragturbo.world.splits import world_arrays
+
+    # The train split never holds a purple triangle or a yellow square, and holds the tail at
+    # 1/20 of its rate: what a generator may train on (WORLD.md). Every style renders the same
+    # scenes, so text embeddings and search results are shared.
+    styles = STYLE_NAMES if config.style_targets else (DEFAULT_STYLE,)
+    rows = {}
+    for style in styles:
+        images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2, style=style if config.style_targets else None)
+        if config.exclude_phrases:
+            keep = _kept(config, captions)
+            images, captions = images[keep], [captions[i] for i in keep]
+        rows[style] = _encode_rows(pipe, images, captions)
+    z0, e_all, h = rows[DEFAULT_STYLE]
+    store = InMemoryFeatureStore(e_all, h, captions, pipe.components.model_id, z0=z0)
+    database = RetrievalDatabase("train", ExactSearcher(e_all), store)
+    if not config.style_targets:
+        return database, None
+    styled = StyledRows(styles, np.stack([rows[s][0] for s in styles]), np.stack([rows[s][2] for s in styles]))
+    return database, styled
+
+
+def _restyled_targets(pipe: RagTurboPipeline, z0: torch.Tensor, styles: tuple[str, ...], seed: int) -> torch.Tensor:
+    """The teacher's samples float32 [N, c, h, w] re-styled into each style: float32 [S, N, c, h, w].
+
+    Decoded, their background moved into the style's band in pixel space (objects kept), and
+    re-encoded by the (universal) VAE."""
+    from imageragturbo.world.style import restyle
+
+    rng = np.random.default_rng(seed)
+    out = torch.empty(len(styles), *z0.shape)
+    with torch.inference_mode():
+        for start in range(0, len(z0), 256):
+            images = tensor_to_images(decode_latents(pipe.components.vae, z0[start : start + 256].to(pipe.device)))
+            for si, style in enumerate(styles):
+                moved = np.stack([restyle(im, style, rng) for im in images])
+                out[si, start : start + len(images)] = pipe.encode_images(moved).cpu()
+    return out
 
 
 def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: Path) -> TrainingData:
@@ -253,7 +311,13 @@ def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: P
         keep = _kept(config, syn_captions)
         logger.info("left out %d of %d synthetic pairs (exclude_phrases)", len(syn_captions) - len(keep), len(syn_captions))
         syn_captions, syn_noise, syn_z0 = [syn_captions[i] for i in keep], syn_noise[keep], syn_z0[keep]
-    return TrainingData(syn_captions, syn_noise, syn_z0, _real_database(config, RagTurboPipeline(parts)))
+    pipe = RagTurboPipeline(parts)
+    real, styled = _real_database(config, pipe)
+    syn_z0_styled = None
+    if styled is not None:
+        syn_z0_styled = _restyled_targets(pipe, syn_z0, styled.styles, config.seed + 4)
+        logger.info("re-styled %d synthetic targets into %s", len(syn_captions), ", ".join(styled.styles))
+    return TrainingData(syn_captions, syn_noise, syn_z0, real, styled, syn_z0_styled)
 
 
 def _kept(config: LaddConfig, captions: list[str]) -> list[int]:
@@ -444,6 +508,8 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             f"text_swap needs an adapter run on shapes-world prompts and database, got mode {config.mode!r}, "
             f"prompts {config.prompts!r}, database {config.database!r}"
         )
+    if (config.style_targets or not config.retrieval) and config.mode != "adapter":
+        raise ValueError(f"style_targets and retrieval: false need an adapter run, got mode {config.mode!r}")
     if config.copy_weight < 0 or (config.copy_weight > 0 and config.mode != "adapter"):
         raise ValueError(f"copy_weight must be >= 0 and needs an adapter run, got {config.copy_weight} in mode {config.mode!r}")
     out_dir = Path(out_dir)
@@ -476,12 +542,13 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     opt_d = torch.optim.AdamW(heads.parameters(), lr=config.disc_lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     generator, heads, opt_g, opt_d = accelerator.prepare(generator, heads, opt_g, opt_d)
     disc = LatentDiscriminator(teacher_split, heads)
-    store, searcher = data.real.store, data.real.searcher
+    store, searcher, styled = data.real.store, data.real.searcher, data.styled
     eval_sets = [("test-seen", data.real)]
     if config.eval_index and config.mode == "adapter":
         from imageragturbo.index.disk import load_database
 
-        eval_sets.append(("test-held", load_database("eval", config.eval_index, model_id=parts.model_id)))
+        eval_database = load_database("eval", config.eval_index, model_id=parts.model_id)
+        eval_sets += [("test-tail", eval_database), ("test-held", eval_database)]
     ctx_uncond = encoder([""]).ctx.clone().to(device)
     logger.info(
         "ladd %s: %d trainable generator parameters, %d discriminator-head parameters",
@@ -499,8 +566,9 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     n_syn = config.micro_batch_size - n_real
 
     def scores() -> dict[str, float]:
-        """The periodic evaluation: the verifier on each split, and for ``text_swap`` runs on
-        test-seen with swapped generator prompts (what the neighbours carry)."""
+        """The periodic evaluation: the verifier on each split, for ``text_swap`` runs on
+        test-seen with swapped generator prompts (what the neighbours carry), and for
+        ``style_targets`` runs the share of outputs in their neighbours' style."""
         model, result = accelerator.unwrap_model(generator), {}
         for split, database in eval_sets:
             result["verifier_" + split.replace("-", "_")] = evaluate(config, parts, model, schedule, encoder, database, split)
@@ -508,6 +576,8 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             result["verifier_test_seen_swapped"] = evaluate(
                 config, parts, model, schedule, encoder, data.real, "test-seen", swapped=True
             )
+        if styled is not None:
+            result["style_match"] = evaluate_style(config, parts, model, schedule, encoder, data.real, styled)
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 
@@ -523,8 +593,15 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         syn_idx = torch.randint(0, len(data.syn_captions), (n_syn,), generator=gen)
         real_idx = torch.randint(0, len(store), (1, n_real), generator=gen).numpy()
         captions = [data.syn_captions[i] for i in syn_idx] + store.captions(real_idx)[0]
-        real_z0 = torch.from_numpy(np.asarray(store.latents(real_idx)[0], dtype=np.float32))
-        z0 = torch.cat([data.syn_z0[syn_idx], real_z0]).to(device)
+        if styled is not None:
+            # The target's style, drawn independently of the noise and the prompt.
+            style_idx = torch.randint(0, len(styled.styles), (len(captions),), generator=gen).numpy()
+            real_z0 = torch.from_numpy(styled.z0[style_idx[n_syn:], real_idx[0]])
+            syn_z0 = data.syn_z0_styled[torch.from_numpy(style_idx[:n_syn]), syn_idx]
+        else:
+            real_z0 = torch.from_numpy(np.asarray(store.latents(real_idx)[0], dtype=np.float32))
+            syn_z0 = data.syn_z0[syn_idx]
+        z0 = torch.cat([syn_z0, real_z0]).to(device)
         noise = torch.cat([data.syn_noise[syn_idx], torch.randn(n_real, *z0.shape[1:], generator=gen)]).to(device)
         is_syn = torch.arange(len(captions), device=device) < n_syn
         encoded = encoder(captions)
@@ -547,8 +624,14 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 own = np.full(len(captions), -1)
                 own[n_syn:] = real_idx[0]
                 keep = np.stack([row[row != self_id][: config.k] for row, self_id in zip(ids, own)])
-                h_retr = torch.from_numpy(np.asarray(store.h_features(keep), dtype=np.float32)).to(device)
+                if styled is not None:
+                    h_np = styled.h[style_idx[:, None], keep]  # each item's neighbours in its target's style
+                else:
+                    h_np = np.asarray(store.h_features(keep), dtype=np.float32)
+                h_retr = torch.from_numpy(h_np).to(device)
                 lam = retrieval_gate(q, torch.from_numpy(np.asarray(store.text_embeddings(keep), dtype=np.float32)).to(device))
+                if not config.retrieval:
+                    lam = torch.zeros_like(lam)  # the control: the gate fixed to 0
             ctx_g = ctx
             if config.text_swap > 0:
                 swap = (torch.rand(len(captions), generator=gen) < config.text_swap).tolist()
@@ -618,27 +701,23 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
 
 @torch.no_grad()
-def evaluate(
+def one_step_images(
     config,
     parts,
     generator: RagDenoiser,
     schedule,
     encoder,
     database: RetrievalDatabase,
-    split: str = "test-seen",
+    prompts: list[tuple[str, int]],
     swapped: bool = False,
-) -> float:
-    """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
-    retrieving from ``database``.
+    h_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 [P, H, W, 3]: one-step images of (caption, seed) ``prompts``, retrieving from ``database``.
 
-    ``swapped``: the generator's prompt has one colour or shape swapped (as ``text_swap``
-    trains), while retrieval and the verifier keep the true caption: the score then counts
-    what the neighbours carry into the image against a prompt that names the wrong thing.
+    ``h_rows`` (float [N, C, h, w]) replaces the store's H-features (the same rows in another
+    style); ``swapped``: the generator's prompt has one colour or shape swapped (as
+    ``text_swap`` trains), while retrieval keeps the true caption.
     """
-    from imageragturbo.world.splits import eval_prompts
-    from imageragturbo.world.verifier import verify_batch
-
-    prompts = eval_prompts(split, config.eval_prompts)
     captions = [p for p, _ in prompts]
     device = next(generator.parameters()).device
     latent_shape = _latent_shape(parts.unet)
@@ -649,8 +728,11 @@ def evaluate(
     h_retr = lam = None
     if generator.mode == "adapter":
         ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
-        h_retr = torch.from_numpy(np.asarray(database.store.h_features(ids), dtype=np.float32)).to(device)
+        h_np = h_rows[ids] if h_rows is not None else np.asarray(database.store.h_features(ids), dtype=np.float32)
+        h_retr = torch.from_numpy(h_np).to(device)
         lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
+        if not config.retrieval:
+            lam = torch.zeros_like(lam)
     ctx = encoded.ctx
     if swapped:
         rng = np.random.default_rng(0)
@@ -659,14 +741,39 @@ def evaluate(
     generator.eval()
     x0 = schedule.predict_x0(generator(noise, t, ctx, h_retr, lam), noise, t)
     generator.train(was_training)
-    return verify_batch(list(tensor_to_images(decode_latents(parts.vae, x0))), captions).mean_score
+    return tensor_to_images(decode_latents(parts.vae, x0))
+
+
+def evaluate(config, parts, generator, schedule, encoder, database, split: str = "test-seen", swapped: bool = False) -> float:
+    """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
+    retrieving from ``database`` (``swapped``: see :func:`one_step_images`)."""
+    from imageragturbo.world.splits import eval_prompts
+    from imageragturbo.world.verifier import verify_batch
+
+    prompts = eval_prompts(split, config.eval_prompts)
+    images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, swapped)
+    return verify_batch(list(images), [p for p, _ in prompts]).mean_score
+
+
+def evaluate_style(config, parts, generator, schedule, encoder, database, styled: StyledRows) -> float:
+    """Mean over styles of the fraction of one-step test-seen images whose background band is
+    the style their neighbours were retrieved in (the style table's number, during training)."""
+    from imageragturbo.world.splits import eval_prompts
+    from imageragturbo.world.style import read_style
+
+    prompts = eval_prompts("test-seen", config.eval_prompts)
+    hits = []
+    for si, style in enumerate(styled.styles):
+        images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, h_rows=styled.h[si])
+        hits.append(np.mean([read_style(im) == style for im in images]))
+    return float(np.mean(hits))
 
 
 def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: Path, wall_s: float) -> Path:
     """Write a complete model directory: the source model's parts plus what this run trained."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(parts.model_dir, tmp, ignore=shutil.ignore_patterns("adapter", "unet_lora", "index", "README.md"))
+    shutil.copytree(parts.model_dir, tmp, ignore=shutil.ignore_patterns("adapter", "unet_lora", "index", "databases", "no_retrieval", "README.md"))
     unet = generator.split.unet
     if config.mode == "student":
         shutil.rmtree(tmp / "unet", ignore_errors=True)

@@ -1,19 +1,23 @@
-"""The whole shapes-world recipe: VAE -> CLIP -> teacher -> ``models/shapes-v1/`` (one call).
+"""The whole shapes-world recipe (``imageragturbo train world``, ``make world``): from nothing to
+the bundled ``models/shapes-v2/``.
 
-Usage::
+Stages (each with its own config under ``configs/``, run folders under ``work``):
 
-    python -m imageragturbo.training.world_recipe --runs runs/world --model models/shapes-v1 [--resume]
-
-Stages (each a pretraining run with its own config under ``configs/``, output under ``--runs``):
-
-1. ``vae``: AutoencoderKL from scratch (``vae.json``);
+1. ``vae``: AutoencoderKL from scratch (``vae.json``), on the universal split;
 2. ``vae_ft``: decoder-only fine-tune of it, same latent space (``vae_decoder_ft.json``);
-3. ``clip``: contrastive CLIP from scratch (``clip.json``);
+3. ``clip``: contrastive CLIP from scratch (``clip.json``), on every caption;
 4. ``clip_entities``: continued with the entity term (``clip_entities.json``);
-5. ``teacher``: the UNet on the frozen VAE encoder and text encoder (``teacher.json``);
-6. export: fp16 safetensors in diffusers layout, evaluated and given a model card.
+5. ``teacher``: the UNet on the frozen VAE encoder and text encoder (``teacher.json``), on the
+   generators' train split; then the export: fp16 safetensors in diffusers layout;
+6. ``student``: the one-step student by LADD (``ladd_student_shapes.json``), installed;
+7. ``databases``: one database per style (``dim``, ``grey``, ``bright``: the same scenes of
+   the database split, each on its style's background) built with the student's encoder,
+   ``grey`` the default;
+8. ``adapter``: the H-space adapter + decoder LoRA with style targets (``ladd_adapter_shapes.json``), installed;
+9. ``no_retrieval``: the control, the same run with the gate fixed to 0
+   (``ladd_no_retrieval_shapes.json``), its LoRA installed as ``<out>/no_retrieval/``.
 
-``--resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
+``resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
 (a stage is finished when its export exists).
 """
 
@@ -37,8 +41,16 @@ from imageragturbo.world.splits import eval_prompts
 
 logger = logging.getLogger(__name__)
 
+
+class RecipeError(ValueError):
+    """The recipe cannot start: a stage's config file is missing."""
+
 CONFIGS = Path(__file__).parent / "configs"
 STAGE_CONFIGS = ("vae.json", "vae_decoder_ft.json", "clip.json", "clip_entities.json", "teacher.json")
+LADD_CONFIGS = {"student": "ladd_student_shapes.json", "adapter": "ladd_adapter_shapes.json", "no_retrieval": "ladd_no_retrieval_shapes.json"}
+WORLD_DATABASE_PAIRS = 3072
+"""Rows per style database: three of them (24 MB) keep the bundled model, teacher included, under 80 MB."""
+NO_RETRIEVAL_DIR = "no_retrieval"
 
 
 def model_index() -> dict:
@@ -98,10 +110,10 @@ def load_teacher_parts(model_dir: Path) -> TeacherParts:
 
 
 def evaluate_model_dir(model_dir: Path, n_prompts: int = 200, steps: int = 25, guidances: tuple[float, ...] = (3.0,)) -> dict:
-    """Verifier scores of the exported teacher on test-seen and test-held (multi-step CFG and one step)."""
+    """Verifier scores of the exported teacher on test-seen, test-tail and test-held (multi-step CFG and one step)."""
     parts = load_teacher_parts(model_dir)
     out: dict = {"n_prompts": n_prompts, "steps": steps}
-    for split in ("test-seen", "test-held"):
+    for split in ("test-seen", "test-tail", "test-held"):
         prompts = eval_prompts(split, n_prompts)
         for g in guidances:
             t = time.monotonic()
@@ -138,18 +150,90 @@ def run(runs: Path, model_dir: Path, resume: bool = False, configs: Path = CONFI
         "teacher", pretrain_teacher, "teacher.json", runs / "teacher" / "unet",
         vae_dir=str(runs / "vae" / "vae"), clip_dir=str(runs / "clip_entities"),
     )
+    evaluation = runs / "eval.json"
+    if resume and evaluation.is_file() and (model_dir / "model_index.json").is_file():
+        # Exported and evaluated already; exporting again would replace what later stages installed.
+        logger.info("stage export already finished (%s exists)", evaluation)
+        return json.loads(evaluation.read_text())
     size = export_model_dir(runs / "vae_ft" / "vae", runs / "clip_entities", runs / "teacher", model_dir)
     logger.info("exported %s (%.1f MB)", model_dir, size / 1e6)
     result = evaluate_model_dir(model_dir, n_prompts=eval_prompts)
     result["stage_wall_s"] = walls
-    (runs / "eval.json").write_text(json.dumps(result, indent=2))
+    evaluation.write_text(json.dumps(result, indent=2))
     return result
+
+
+def build_databases(model_dir: Path, n: int, resume: bool = False) -> list[Path]:
+    """One database per style under ``<model_dir>/databases/``, built with the model's student
+    encoder; ``grey`` the default. With ``resume``, a database already built for this model stays."""
+    from imageragturbo.index.build import build_index
+    from imageragturbo.index.disk import DATABASES_DIR, read_manifest, write_databases_file
+    from imageragturbo.index.pairs import WorldPairs
+    from imageragturbo.model.pipeline import RagTurboPipeline
+    from imageragturbo.world.render import DEFAULT_STYLE, STYLE_NAMES
+
+    pipe = RagTurboPipeline.from_pretrained(model_dir)
+    paths = []
+    for style in STYLE_NAMES:
+        path = model_dir / DATABASES_DIR / style
+        if resume and (path / "manifest.json").is_file() and read_manifest(path)["model_id"] == pipe.components.model_id:
+            logger.info("database %s already built for this model", path)
+        else:
+            build_index(pipe, WorldPairs(n, style=style), path, overwrite=True)
+        paths.append(path)
+    write_databases_file(model_dir, DEFAULT_STYLE)
+    return paths
+
+
+def build_world(out: Path, work: Path, resume: bool = False, configs: Path = CONFIGS,
+                index_pairs: int = WORLD_DATABASE_PAIRS, eval_prompts: int = 200) -> dict:
+    """Every stage of the module docstring, in order, each installed into ``out``; returns the
+    wall time of each stage run here (seconds) and the teacher's evaluation."""
+    from imageragturbo.training import ladd
+
+    missing = [name for name in (*STAGE_CONFIGS, *LADD_CONFIGS.values()) if not (configs / name).is_file()]
+    if missing:
+        raise RecipeError(f"{configs}: missing config file(s) {', '.join(missing)}")
+    walls: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t = time.monotonic()
+        result = fn(*args, **kwargs)
+        walls[name] = round(time.monotonic() - t, 1)
+        return result
+
+    teacher_eval = run(work, out, resume=resume, configs=configs, eval_prompts=eval_prompts)
+    timed("student", ladd.main, configs / LADD_CONFIGS["student"], work / "student", resume=resume,
+          model_dir=str(out), install_into=out)
+    timed("databases", build_databases, out, index_pairs, resume=resume)
+    eval_index = str(out / "databases" / "grey")
+    timed("adapter", ladd.main, configs / LADD_CONFIGS["adapter"], work / "adapter", resume=resume,
+          model_dir=str(out), install_into=out, eval_index=eval_index)
+    export = timed("no_retrieval", ladd.main, configs / LADD_CONFIGS["no_retrieval"], work / NO_RETRIEVAL_DIR,
+                   resume=resume, model_dir=str(out), eval_index=eval_index)
+    install_no_retrieval(export, out)
+    result = {"stage_wall_s": {**teacher_eval.get("stage_wall_s", {}), **walls}, "teacher": teacher_eval}
+    (work / "world.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def install_no_retrieval(export_dir: Path, model_dir: Path) -> None:
+    """The control's decoder LoRA (and its adapter, which the gate kept silent) as
+    ``<model_dir>/no_retrieval/``: ``imageragturbo eval table`` scores it as its own row."""
+    staged = model_dir / f".{NO_RETRIEVAL_DIR}.new"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    for part in ("unet_lora", "adapter"):
+        shutil.copytree(export_dir / part, staged / part)
+    shutil.copy(export_dir / "ladd_adapter.json", staged / "ladd_adapter.json")
+    shutil.rmtree(model_dir / NO_RETRIEVAL_DIR, ignore_errors=True)
+    staged.rename(model_dir / NO_RETRIEVAL_DIR)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/world")
-    parser.add_argument("--model", default="models/shapes-v1")
+    parser.add_argument("--model", default="models/shapes-v2")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -259,3 +259,51 @@ def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_b
     for a, b in zip(truth, swapped):
         assert a != b and parse_caption(b) is not None  # one attribute swapped, still the grammar
     np.testing.assert_allclose(searched[0], encode(truth).q.numpy(), rtol=1e-5)  # retrieval by the true caption
+
+
+def test_style_targets_train_with_restyled_targets_and_score_the_style_match(world_like_model, tmp_path):
+    config = _config(world_like_model, "adapter", style_targets=True)
+    parts = load_model(world_like_model, base_only=True)
+    data = ladd.prepare_data(config, parts, load_teacher_unet(world_like_model).float().eval(), tmp_path)
+    # The same 24 scenes in three styles; the synthetic targets re-styled once per style.
+    assert data.styled.styles == ("dim", "grey", "bright")
+    assert data.styled.z0.shape[:2] == (3, 24) and data.styled.h.shape[:2] == (3, 24)
+    assert data.syn_z0_styled.shape == (3, *data.syn_z0.shape)
+    assert not torch.equal(data.syn_z0_styled[0], data.syn_z0_styled[2])
+    ladd.run(config, tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    scored = [h for h in history if "verifier_test_seen" in h]
+    assert [h["step"] for h in scored] == [0, 2] and all(0.0 <= h["style_match"] <= 1.0 for h in scored)
+    with pytest.raises(ValueError, match="style_targets"):
+        ladd.run(_config(world_like_model, "adapter", style_targets=True, database=str(tmp_path)), tmp_path / "bad")
+
+
+def test_retrieval_off_control_trains_the_same_parameter_set_and_reads_nothing(world_like_model, tmp_path):
+    def after_one_step(name, **overrides):
+        config = _config(world_like_model, "adapter", steps=1, eval_prompts=0, style_targets=True, **overrides)
+        out = ladd.run(config, tmp_path / name)
+        trained = ladd.load_file(str(tmp_path / name / "checkpoints" / "step_00000001" / "generator_trainable.safetensors"))
+        return trained, load_model(out)
+
+    with_retrieval, _ = after_one_step("adapter")
+    control, control_model = after_one_step("control", retrieval=False)
+    assert set(control) == set(with_retrieval)  # same trainable parameters, LoRA and adapter
+    # The adapter starts at zero output, so step 1 moves the LoRA alike; only the gated adapter
+    # receives a gradient when something retrieved reaches the image.
+    assert all(torch.equal(control[k], with_retrieval[k]) for k in control if "lora" in k)
+    assert any(not torch.equal(control[k], with_retrieval[k]) for k in control if k.startswith("adapter."))
+    # Gate 0: the control's output does not depend on what is retrieved.
+    pipe = RagTurboPipeline(control_model)
+    database = ladd._real_database(_config(world_like_model, "adapter", style_targets=True), pipe)[0]
+    config = _config(world_like_model, "adapter", retrieval=False, style_targets=True)
+    prompts = [("a red circle on the left", 1), ("two blue squares", 2)]
+    gen = ladd.build_generator(config, control_model, load_teacher_unet(world_like_model))
+    gen.adapter.load_state_dict(control_model.adapter.state_dict())
+    schedule = ladd.NoiseSchedule.from_scheduler(control_model.scheduler)
+    encoder = ladd.PromptEncoder(control_model.tokenizer, control_model.text_encoder)
+    h = np.asarray(database.store.h_features(np.arange(len(database.store))[None]))[0]
+    a = ladd.one_step_images(config, control_model, gen, schedule, encoder, database, prompts)
+    b = ladd.one_step_images(config, control_model, gen, schedule, encoder, database, prompts, h_rows=h * 0 + 5.0)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="adapter run"):
+        ladd.run(_config(world_like_model, "student", retrieval=False), tmp_path / "bad")

@@ -1,6 +1,7 @@
 """`imageragturbo train world` end to end, at toy scale: every stage of the bundled model's recipe
-(VAE, VAE decoder fine-tune, CLIP, CLIP entities, teacher, export, student, index, adapter) runs
-from nothing into a model directory that the serving pipeline opens and generates from."""
+(VAE, VAE decoder fine-tune, CLIP, CLIP entities, teacher, export, student, the three style
+databases, the style-target adapter, the no-retrieval control) runs from nothing into a model
+directory that the serving pipeline opens and generates from."""
 
 import json
 
@@ -29,6 +30,7 @@ TINY = {
                                      database="world:8", disc_channels=8, eval_prompts=2, k=2, lora_rank=2,
                                      adapter_heads=2, num_threads=1),
 }
+TINY["ladd_no_retrieval_shapes.json"] = TINY["ladd_adapter_shapes.json"]
 
 
 def _tiny_configs(folder):
@@ -46,17 +48,23 @@ def test_train_world_reproduces_a_servable_model_from_nothing(tmp_path):
             "--index-pairs", "12", "--eval-prompts", "2"]
     assert main(argv) == 0
 
-    for part in ("unet", "teacher", "adapter", "unet_lora", "index", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for part in ("unet", "teacher", "adapter", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler",
+                 "databases/dim", "databases/grey", "databases/bright", "no_retrieval/unet_lora", "no_retrieval/adapter"):
         assert (out / part).is_dir(), part
     assert json.loads((work / "eval.json").read_text())["n_prompts"] == 2
-    pipe = open_pipeline(out, indexes=[str(out / "index")])
+    assert json.loads((out / "no_retrieval" / "ladd_adapter.json").read_text())["config"]["retrieval"] is False
+    assert json.loads((out / "databases" / "dim" / "manifest.json").read_text())["source"]["style"] == "dim"
+    pipe = open_pipeline(out)  # the model's own databases, grey the default
+    assert list(pipe.databases) == ["grey", "bright", "dim"]
     result = pipe(["a red circle on the left"], [0], mode="adapter", k=2)
     assert result.images.shape == (1, 32, 32, 3) and result.images.dtype == np.uint8
     assert len(result.neighbors[0]) == 2
 
     # --resume after a finished run skips the pretraining stages and leaves a servable model.
+    walls = json.loads((work / "world.json").read_text())["stage_wall_s"]
+    assert {"student", "databases", "adapter", "no_retrieval"} <= set(walls)
     assert main([*argv, "--resume"]) == 0
-    assert open_pipeline(out, indexes=[str(out / "index")])(["two blue squares"], [1], mode="adapter", k=2).images.shape == (1, 32, 32, 3)
+    assert open_pipeline(out)(["two blue squares"], [1], mode="adapter", k=2, database="dim").images.shape == (1, 32, 32, 3)
 
 
 def test_train_world_names_a_missing_config(tmp_path, capsys):
