@@ -34,3 +34,12 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(
         tmp_path_factory.mktemp("tiny_v_model"), unet="three_level", vae="tiny", prediction_type="v_prediction"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_world_model(tmp_path_factory) -> Path:
+    """A complete v2 model directory from the whole recipe at toy scale: style databases
+    (dim, grey, bright), the style-target adapter and the no-retrieval control."""
+    from tiny_world import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
