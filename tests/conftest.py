@@ -43,3 +43,17 @@ def tiny_world_model(tmp_path_factory) -> Path:
     from tiny_world import build_tiny_world
 
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_cache_dir(tmp_path_factory):
+    """Caches shared across runs (the teacher's samples) go to a folder of this test session."""
+    import os
+
+    previous = os.environ.get("IRT_CACHE_DIR")
+    os.environ["IRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("irt_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("IRT_CACHE_DIR", None)
+    else:
+        os.environ["IRT_CACHE_DIR"] = previous

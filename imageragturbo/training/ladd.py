@@ -30,6 +30,7 @@ precision and multi-GPU/multi-node, so the paper's 64-GPU run is a config change
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -53,7 +54,6 @@ from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
 from imageragturbo.model.denoiser import RagDenoiser
 from imageragturbo.model.loading import ModelComponents, load_model, load_teacher_unet
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
-from imageragturbo.model.sampling import sample_multistep
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
@@ -279,33 +279,21 @@ def _restyled_targets(pipe: RagTurboPipeline, z0: torch.Tensor, styles: tuple[st
 
 
 def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: Path) -> TrainingData:
-    """Build (or read back) the synthetic cache and encode the real pairs."""
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-    latent_shape = _latent_shape(parts.unet)
-    cache = out_dir / "synthetic.safetensors"
-    if cache.is_file():
-        tensors = load_file(str(cache))
-        syn_captions = json.loads((out_dir / "synthetic_captions.json").read_text())
-        syn_noise, syn_z0 = tensors["noise"], tensors["z0"]
-        logger.info("read %d cached synthetic pairs from %s", len(syn_captions), cache)
-    else:
-        syn_captions = _train_prompts(config, config.synthetic_pairs)
-        gen = torch.Generator().manual_seed(config.seed + 3)
-        syn_noise = torch.randn(len(syn_captions), *latent_shape, generator=gen)
-        ctx_uncond = encoder([""]).ctx
-        chunks = []
-        for start in tqdm(range(0, len(syn_captions), 256), desc="teacher samples", unit="batch"):
-            ctx = encoder(syn_captions[start : start + 256]).ctx
-            noise = syn_noise[start : start + 256]
-            chunks.append(
-                sample_multistep(teacher, parts.scheduler.config, ctx, ctx_uncond, noise, config.teacher_steps, config.cfg_scale)
-            )
-        syn_z0 = torch.cat(chunks).float()
-        # Written to a temporary name and renamed: a killed run never leaves a half cache.
-        tmp = out_dir / "synthetic.tmp.safetensors"
-        save_file({"noise": syn_noise.contiguous(), "z0": syn_z0.contiguous()}, str(tmp))
-        (out_dir / "synthetic_captions.json").write_text(json.dumps(syn_captions))
-        os.replace(tmp, cache)
+    """The teacher's synthetic pairs (from the shared cache, sampling what it lacks) and the encoded real pairs."""
+    from imageragturbo.training.teacher_samples import TeacherSamples
+
+    # A run samples only the pairs its steps can draw; the shared cache keeps them for the next.
+    n_syn = config.micro_batch_size - round(config.micro_batch_size * config.real_fraction)
+    needed = min(config.synthetic_pairs, max(1, config.steps * n_syn))
+    source = {"prompts": config.prompts}
+    if not config.prompts.startswith("world:"):
+        source["sha256"] = hashlib.sha256(Path(config.prompts).read_bytes()).hexdigest()
+    samples = TeacherSamples(
+        teacher=teacher, tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, scheduler=parts.scheduler,
+        prompts=lambda n: _train_prompts(config, n), source=source, seed=config.seed + 3,
+        steps=config.teacher_steps, cfg_scale=config.cfg_scale, latent_shape=_latent_shape(parts.unet),
+    )
+    syn_captions, syn_noise, syn_z0 = samples.get(needed)
 
     if config.exclude_phrases:
         keep = _kept(config, syn_captions)

@@ -15,7 +15,7 @@ Stages (each with its own config under ``configs/``, run folders under ``work``)
    ``grey`` the default;
 8. ``adapter``: the H-space adapter + decoder LoRA with style targets (``ladd_adapter_shapes.json``), installed;
 9. ``no_retrieval``: the control, the same run with the gate fixed to 0
-   (``ladd_no_retrieval_shapes.json``), its LoRA installed as ``<out>/no_retrieval/``.
+   (``ladd_adapter_no_retrieval_shapes.json``), its LoRA installed as ``<out>/no_retrieval/``.
 
 ``resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
 (a stage is finished when its export exists).
@@ -47,7 +47,7 @@ class RecipeError(ValueError):
 
 CONFIGS = Path(__file__).parent / "configs"
 STAGE_CONFIGS = ("vae.json", "vae_decoder_ft.json", "clip.json", "clip_entities.json", "teacher.json")
-LADD_CONFIGS = {"student": "ladd_student_shapes.json", "adapter": "ladd_adapter_shapes.json", "no_retrieval": "ladd_no_retrieval_shapes.json"}
+LADD_CONFIGS = {"student": "ladd_student_shapes.json", "adapter": "ladd_adapter_shapes.json", "no_retrieval": "ladd_adapter_no_retrieval_shapes.json"}
 WORLD_DATABASE_PAIRS = 3072
 """Rows per style database: three of them (24 MB) keep the bundled model, teacher included, under 80 MB."""
 NO_RETRIEVAL_DIR = "no_retrieval"

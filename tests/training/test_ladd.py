@@ -235,7 +235,7 @@ def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_b
 
     config = _config(world_like_model, "adapter", eval_prompts=6)
     parts = load_model(world_like_model, base_only=True)
-    database = ladd._real_database(config, RagTurboPipeline(parts))
+    database = ladd._real_database(config, RagTurboPipeline(parts))[0]
     generator = ladd.build_generator(config, parts, load_teacher_unet(world_like_model))
     encode = PromptEncoder(parts.tokenizer, parts.text_encoder)
     seen_texts, searched = [], []
@@ -307,3 +307,31 @@ def test_retrieval_off_control_trains_the_same_parameter_set_and_reads_nothing(w
     assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="adapter run"):
         ladd.run(_config(world_like_model, "student", retrieval=False), tmp_path / "bad")
+
+
+def test_teacher_samples_are_cached_by_what_they_depend_on_and_extended_on_demand(world_like_model, tmp_path, monkeypatch):
+    from imageragturbo.training import teacher_samples
+
+    monkeypatch.setenv("IRT_CACHE_DIR", str(tmp_path / "cache"))
+    parts = load_model(world_like_model, base_only=True)
+    teacher = load_teacher_unet(world_like_model)
+    calls = []
+    real_sample = teacher_samples.sample_multistep
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[4]))
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_samples, "sample_multistep", counting)
+    # A 1-step run of 6 items at real_fraction 0.25 draws 4 synthetic pairs: only those are sampled.
+    short = ladd.prepare_data(_config(world_like_model, "student", steps=1, synthetic_pairs=40), parts, teacher, tmp_path)
+    assert len(short.syn_captions) == 4 and calls == [4]
+    # A longer run extends the same cache by the missing pairs; the first 4 are the same.
+    longer = ladd.prepare_data(_config(world_like_model, "student", steps=2, synthetic_pairs=40), parts, teacher, tmp_path)
+    assert len(longer.syn_captions) == 8 and calls == [4, 4]
+    assert torch.equal(longer.syn_z0[:4], short.syn_z0) and longer.syn_captions[:4] == short.syn_captions
+    ladd.prepare_data(_config(world_like_model, "student", steps=2, synthetic_pairs=40), parts, teacher, tmp_path)
+    assert calls == [4, 4]  # all cached
+    # Another guidance scale is another cache.
+    ladd.prepare_data(_config(world_like_model, "student", steps=1, synthetic_pairs=40, cfg_scale=2.0), parts, teacher, tmp_path)
+    assert calls == [4, 4, 4] and len(list((tmp_path / "cache" / "teacher_samples").glob("*.safetensors"))) == 2
