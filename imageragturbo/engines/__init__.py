@@ -1,34 +1,37 @@
 """Compiled engines for the request path: ONNX export, ONNX Runtime, TensorRT, and the torch reference.
 
-The TensorRT engine is imported lazily (``imageragturbo.engines.tensorrt_engine``): it needs
-tensorrt and a CUDA GPU, which most machines running this package do not have.
+The names below are imported on first use (so ``imageragturbo.engines.protocol``, and with it
+``ENGINE_KINDS``, loads without torch or onnxruntime). The TensorRT engine is imported only from
+``imageragturbo.engines.tensorrt_engine``: it needs tensorrt and a CUDA GPU, which most machines
+running this package do not have.
 """
 
-from imageragturbo.engines.export import ExportManifest, check_source, export_model, read_manifest, source_identity
-from imageragturbo.engines.graphs import DENOISE_GRAPHS, GRAPH_NAMES, GraphSpec, TensorSpec, TorchGraph, build_graphs
-from imageragturbo.engines.onnxruntime_engine import OrtEngine
-from imageragturbo.engines.pipeline_engines import PipelineEngines, load_pipeline_engines
-from imageragturbo.engines.protocol import ENGINE_KINDS, Engine, EngineLoadError, StaleExportError
-from imageragturbo.engines.torch_engine import TorchEngine
+from __future__ import annotations
 
-__all__ = [
-    "DENOISE_GRAPHS",
-    "ENGINE_KINDS",
-    "GRAPH_NAMES",
-    "Engine",
-    "EngineLoadError",
-    "ExportManifest",
-    "GraphSpec",
-    "OrtEngine",
-    "PipelineEngines",
-    "StaleExportError",
-    "TensorSpec",
-    "TorchEngine",
-    "TorchGraph",
-    "build_graphs",
-    "check_source",
-    "export_model",
-    "load_pipeline_engines",
-    "read_manifest",
-    "source_identity",
-]
+from imageragturbo.lazy import lazy_attributes
+
+_WHERE = {
+    "ExportManifest": "export",
+    "check_source": "export",
+    "export_model": "export",
+    "read_manifest": "export",
+    "source_identity": "export",
+    "DENOISE_GRAPHS": "graphs",
+    "GRAPH_NAMES": "graphs",
+    "GraphSpec": "graphs",
+    "TensorSpec": "graphs",
+    "TorchGraph": "graphs",
+    "build_graphs": "graphs",
+    "OrtEngine": "onnxruntime_engine",
+    "PipelineEngines": "pipeline_engines",
+    "load_pipeline_engines": "pipeline_engines",
+    "use_engine": "pipeline_engines",
+    "ENGINE_KINDS": "protocol",
+    "Engine": "protocol",
+    "EngineLoadError": "protocol",
+    "StaleExportError": "protocol",
+    "TorchEngine": "torch_engine",
+}
+
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)

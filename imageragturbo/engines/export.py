@@ -28,7 +28,8 @@ import torch
 
 from imageragturbo.engines.graphs import DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, TorchGraph, build_graphs
 from imageragturbo.engines.protocol import EngineLoadError, StaleExportError
-from imageragturbo.model.loading import ModelComponents
+from imageragturbo.errors import ImageRagTurboError
+from imageragturbo.model.loading import ModelComponents, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ EXAMPLE_SIZES = {"batch": 2, "k": 2}
 # Protobuf cannot hold a message over 2 GB; bigger graphs keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 1
 PARITY_TOLERANCE = 1e-3
+
+
+class ExportError(ImageRagTurboError, ValueError):
+    """An export cannot be made as asked (unknown graph, a folder that is not an export, a graph
+    whose ONNX Runtime output differs from torch's); the message says which."""
 
 
 def weights_digest(module: torch.nn.Module | None) -> str | None:
@@ -273,7 +279,7 @@ def export_model(
     """Export ``graphs`` (default: every graph the model has) to ``out_dir`` and write the manifest.
 
     With ``verify``, each graph is run once in ONNX Runtime against torch and the export is
-    refused (ValueError) if they differ by more than PARITY_TOLERANCE (relative).
+    refused (ExportError) if they differ by more than PARITY_TOLERANCE (relative).
     An existing ``out_dir`` is replaced only if it is an earlier export (has a manifest).
     """
     out_dir = Path(out_dir)
@@ -282,9 +288,9 @@ def export_model(
     for name in names:
         if name not in available:
             why = " (the model has no adapter)" if name == "denoise_adapter" else ""
-            raise ValueError(f"unknown graph {name!r}{why}; this model has {list(available)} of {list(GRAPH_NAMES)}")
+            raise ExportError(f"unknown graph {name!r}{why}; this model has {list(available)} of {list(GRAPH_NAMES)}")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise ValueError(f"{out_dir} exists and is not an export (no {MANIFEST_NAME}); choose an empty or new folder")
+        raise ExportError(f"{out_dir} exists and is not an export (no {MANIFEST_NAME}); choose an empty or new folder")
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -307,7 +313,7 @@ def export_model(
             path = tmp / f"{name}.onnx"
             err = _parity(graph, path) if verify else None
             if err is not None and err > PARITY_TOLERANCE:
-                raise ValueError(
+                raise ExportError(
                     f"graph {name!r}: ONNX Runtime differs from torch by {err:.2e} (relative), "
                     f"more than {PARITY_TOLERANCE:.0e}; the export is refused"
                 )
@@ -344,3 +350,21 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def export_model_dir(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    lora_dir: str | Path | None = None,
+    graphs: tuple[str, ...] | None = None,
+    opset: int | None = None,
+    exporter: str = "torchscript",
+    verify: bool = True,
+) -> ExportManifest:
+    """:func:`export_model` of the model in ``model_dir`` (its adapter and LoRA, or the given
+    ones, the LoRA fused). ``opset`` None: DEFAULT_OPSET, 18 with the dynamo exporter."""
+    components = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir)
+    opset = opset or (18 if exporter == "dynamo" else DEFAULT_OPSET)
+    return export_model(components, out_dir, graphs=graphs, opset=opset, exporter=exporter, verify=verify)

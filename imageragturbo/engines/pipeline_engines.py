@@ -140,3 +140,19 @@ def load_pipeline_engines(
             engines[name] = TrtEngine(path, entry.spec, entry.sha256, cache_dir, **trt_options)
     logger.info("loaded %s engines %s from %s", kind, list(engines), engine_dir)
     return PipelineEngines(kind, engines, device)
+
+
+def use_engine(pipe, kind: str, engine_dir: str | Path | None, **options) -> None:
+    """Run ``pipe``'s text encoding, denoise and VAE decode on the ``kind`` engines ('torch': the
+    pipeline's own modules, nothing to load). An engine that cannot load, or an export that
+    lacks a mode the pipeline serves, raises EngineLoadError: never a silent fall-back to torch."""
+    if kind == "torch":
+        return
+    try:
+        engines = load_pipeline_engines(kind, engine_dir, pipe.components, **options)
+    except EngineLoadError as exc:
+        raise EngineLoadError(f"cannot load the {kind} engine: {exc}") from exc
+    try:
+        pipe.use_engines(engines)
+    except ValueError as exc:  # use_engines only checks the export's denoise graphs against the modes
+        raise EngineLoadError(f"cannot load the {kind} engine: {exc}") from exc

@@ -12,10 +12,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from imageragturbo.errors import ImageRagTurboError
+
 ENGINE_KINDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
 
 
-class EngineLoadError(RuntimeError):
+class EngineLoadError(ImageRagTurboError, RuntimeError):
     """An engine cannot be built or loaded (missing package, provider, GPU, file). The message says why."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from imageragturbo.errors import ConfigError
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
 
@@ -49,7 +50,7 @@ def measure_leverage(
     numbers would mean nothing).
     """
     if len(set(prompts)) < 2:
-        raise ValueError(f"need at least two different prompts to swap paths between, got {sorted(set(prompts))}")
+        raise ConfigError(f"need at least two different prompts to swap paths between, got {sorted(set(prompts))}")
     split = SplitUNet(unet)
     ctx = encoder(prompts).ctx.to(next(unet.parameters()).dtype)
     other = ctx.roll(1, 0)

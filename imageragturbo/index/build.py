@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from imageragturbo.errors import ImageRagTurboError
 from imageragturbo.index.disk import (
     ARRAYS,
     FORMAT,
@@ -48,7 +49,7 @@ CHUNKS = "chunks"
 DTYPES = {"text_emb": np.float32, "z0": np.float16, "h_retr": np.float16}
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(ImageRagTurboError, ValueError):
     """A build cannot start or continue; the message says why and what to do."""
 
 

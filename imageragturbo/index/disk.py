@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.errors import ImageRagTurboError
 from imageragturbo.index.store import RetrievalDatabase
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ RESIDENT_MAX_BYTES = 64 << 20
 ones are gathered from the memory map."""
 
 
-class IndexLoadError(ValueError):
+class IndexLoadError(ImageRagTurboError, ValueError):
     """A database folder is missing, incomplete, corrupt or built with another model."""
 
 

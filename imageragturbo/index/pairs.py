@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imageragturbo.errors import ImageRagTurboError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class PairSourceError(ValueError):
+class PairSourceError(ImageRagTurboError, ValueError):
     """A pair source is malformed; the message names the file (and line)."""
 
 

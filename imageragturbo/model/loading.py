@@ -34,6 +34,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from imageragturbo.errors import ImageRagTurboError
 from imageragturbo.model.adapter import HSpaceAdapter
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ LORA_DIRNAME = "unet_lora"
 ADAPTER_DIRNAME = "adapter"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ImageRagTurboError, ValueError):
     """A model directory is missing a file, or a file is malformed. The message names it."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imageragturbo.errors import ImageRagTurboError
 from imageragturbo.model.pipeline import STAGES, Neighbor, RagTurboPipeline
 
 logger = logging.getLogger(__name__)
@@ -35,15 +36,15 @@ logger = logging.getLogger(__name__)
 RECENT_BATCHES = 8
 
 
-class QueueFullError(Exception):
+class QueueFullError(ImageRagTurboError):
     """The queue holds ``max_queue`` jobs already: answer 429 and let the client retry."""
 
 
-class ShuttingDownError(Exception):
+class ShuttingDownError(ImageRagTurboError):
     """The server is stopping (SIGTERM) or its worker died: answer 503."""
 
 
-class BatchFailedError(RuntimeError):
+class BatchFailedError(ImageRagTurboError, RuntimeError):
     """The pipeline raised while running the batch this job was in."""
 
 

@@ -72,3 +72,17 @@ def default_worker_threads(cpus: int | None = None) -> int:
     wait for a core the other jobs hold (results/service.md has both, side by side)."""
     cpus = usable_cpus() if cpus is None else cpus
     return max(1, cpus - 1)
+
+
+def settings_from_flags(**flags) -> ServiceSettings:
+    """The settings with the flags that were given (not None) over the ``IRT_*`` variables.
+    Raises ConfigError naming each bad value, flag or variable alike."""
+    from pydantic import ValidationError
+
+    from imageragturbo.errors import ConfigError
+
+    try:
+        return ServiceSettings(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"bad server settings (flags or IRT_* variables): {problems}") from exc

@@ -35,6 +35,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
+from imageragturbo.errors import ConfigError
 from imageragturbo.training import pretrain_clip, pretrain_teacher, pretrain_vae
 from imageragturbo.training.sampling import TeacherParts, score_prompts
 from imageragturbo.world.splits import eval_prompts
@@ -42,7 +43,7 @@ from imageragturbo.world.splits import eval_prompts
 logger = logging.getLogger(__name__)
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """The recipe cannot start: a stage's config file is missing."""
 
 CONFIGS = Path(__file__).parent / "configs"
