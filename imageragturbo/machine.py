@@ -2,7 +2,8 @@
 
 The benchmarks (``bench latency``, ``bench retrieval``, ``bench service``) and the fidelity
 table each record the machine next to their numbers. They keep their own JSON field names
-(tools and tests read them); what the fields hold comes from :func:`describe_machine`.
+(tools and tests read them), listed here by :func:`latency_fields`, :func:`retrieval_fields`
+and :func:`service_fields`; what the fields hold comes from :func:`describe_machine`.
 On a shared machine the load average and the process's niceness belong to the record:
 they say how far a timing is from an idle core's.
 """
@@ -106,3 +107,49 @@ def describe_machine(packages: Sequence[str] = (), *, gpu: bool = False) -> Mach
         versions={module: package_version(module) for module in packages},
         gpu=gpu_name,
     )
+
+
+# -- each report's fields ----------------------------------------------------------------------
+
+
+def latency_fields(threads: int | None) -> dict:
+    """``bench latency``'s machine record (results/latency.md reads it), the load at the start included."""
+    m = describe_machine(("torch", "onnxruntime"), gpu=True)
+    return {
+        "cpu": m.cpu,
+        "logical_cores": m.logical_cores,
+        "threads": threads,
+        "platform": m.platform,
+        "python": m.python,
+        "torch": m.versions["torch"],
+        "onnxruntime": m.versions["onnxruntime"],
+        "gpu": m.gpu,
+        "date": m.date,
+        "nice": m.nice,
+        "load_avg_1m_at_start": m.load_avg[0] if m.load_avg else None,
+    }
+
+
+def retrieval_fields() -> dict:
+    """``bench retrieval``'s machine record (results/retrieval.md reads it)."""
+    m = describe_machine(("numpy", "scann", "faiss", "hnswlib"))
+    return {
+        "cpu": m.cpu,
+        "cores": m.logical_cores,
+        "ram_gib": m.ram_gib,
+        "python": m.python,
+        "platform": m.platform,
+        "versions": m.versions,
+        "loadavg_start": m.load_avg,
+    }
+
+
+def service_fields() -> dict:
+    """``bench service``'s machine record (results/service.md reads it)."""
+    m = describe_machine()
+    return {
+        "cpu": m.cpu,
+        "cores": m.logical_cores,
+        "python": m.python,
+        "load_avg_at_start": list(m.load_avg) if m.load_avg else None,
+    }

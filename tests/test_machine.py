@@ -1,10 +1,10 @@
 import json
 import os
 
-from imageragturbo.eval.latency_bench import machine_info as latency_machine
-from imageragturbo.eval.machine import describe_machine, load_average, package_version
-from imageragturbo.eval.retrieval_bench import machine as retrieval_machine
-from imageragturbo.service.bench import machine_info as service_machine
+from imageragturbo.machine import describe_machine, load_average, package_version
+from imageragturbo.machine import latency_fields as latency_machine
+from imageragturbo.machine import retrieval_fields as retrieval_machine
+from imageragturbo.machine import service_fields as service_machine
 
 
 def test_describe_machine_fills_every_field():

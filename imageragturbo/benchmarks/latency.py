@@ -14,12 +14,18 @@ engine three times in four, so ``adapter`` found that engine's text encoder and 
 torch, the shared UNet weights) warm in cache while ``off`` always followed the other engine:
 on shapes-v1 that made ``text_encode`` ~0.14 ms faster in ``adapter`` mode than in ``off`` mode
 (the same code), understating the adapter's cost.
+
+:func:`run` is the whole `imageragturbo bench latency`: open the model, export it for the
+compiled engines, time every (engine, mode) pair, optionally profile, and write the JSON, the
+report section and the figure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.eval.machine import describe_machine, load_average, niceness
+from imageragturbo.benchmarks import BenchError
+from imageragturbo.benchmarks.report import table, update_section
+from imageragturbo.machine import latency_fields, load_average, niceness
+from imageragturbo.modes import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +77,6 @@ class LatencyResult:
 
     def run(self, engine: str, mode: str) -> LatencyRun | None:
         return next((r for r in self.runs if r.engine == engine and r.mode == mode), None)
-
-
-def machine_info(threads: int | None) -> dict:
-    """What the numbers were measured on, including the load at the time (a shared machine)."""
-    m = describe_machine(("torch", "onnxruntime"), gpu=True)
-    return {
-        "cpu": m.cpu,
-        "logical_cores": m.logical_cores,
-        "threads": threads,
-        "platform": m.platform,
-        "python": m.python,
-        "torch": m.versions["torch"],
-        "onnxruntime": m.versions["onnxruntime"],
-        "gpu": m.gpu,
-        "date": m.date,
-        "nice": m.nice,
-        "load_avg_1m_at_start": m.load_avg[0] if m.load_avg else None,
-    }
 
 
 def bench_prompts(n: int) -> list[tuple[str, int]]:
@@ -135,7 +126,7 @@ def run_latency_bench(
         LatencyRun(engine, mode, len(prompts), {stage: stage_stats(samples[(engine, mode)][stage]) for stage in STAGES})
         for engine, mode in pairs
     ]
-    info = dict(machine or machine_info(None))
+    info = dict(machine or latency_fields(None))
     load = load_average()
     info["load_avg_1m_at_end"] = load[0] if load else None
     # Read at the end too: the workplace may renice a running job.
@@ -180,12 +171,16 @@ def render_markdown(result: LatencyResult, png_name: str | None = None, notes: S
         "",
         *[f"- {note}" for note in notes],
         *([""] if notes else []),
-        "| engine | mode | " + " | ".join(f"{s} p50 (p90)" for s in STAGES) + " | total mean |",
-        "| --- | --- | " + " | ".join("---:" for _ in STAGES) + " | ---: |",
+        *table(
+            ["engine", "mode", *(f"{s} p50 (p90)" for s in STAGES), "total mean"],
+            (
+                [run.engine, run.mode, *(f"{run.stages[s]['p50_ms']:.3f} ({run.stages[s]['p90_ms']:.3f})" for s in STAGES),
+                 f"{run.stages['total']['mean_ms']:.3f}"]
+                for run in result.runs
+            ),
+            ["---", "---", *("---:" for _ in STAGES), "---:"],
+        ),
     ]
-    for run in result.runs:
-        cells = [f"{run.stages[s]['p50_ms']:.3f} ({run.stages[s]['p90_ms']:.3f})" for s in STAGES]
-        lines.append(f"| {run.engine} | {run.mode} | " + " | ".join(cells) + f" | {run.stages['total']['mean_ms']:.3f} |")
     lines += ["", "All times in ms.", ""]
     lines += [f"- {line}" for line in derived_ratios(result)]
     if png_name:
@@ -228,19 +223,7 @@ def plot_stacked(result: LatencyResult, path: str | Path, title: str = "") -> No
 
 def update_report(path: str | Path, generated: str, heading: str = "# Latency") -> None:
     """Put ``generated`` between the report's bench markers, keeping the hand-written rest."""
-    path = Path(path)
-    block = f"{REPORT_BEGIN}\n{generated.rstrip()}\n{REPORT_END}"
-    if path.is_file():
-        text = path.read_text()
-        if REPORT_BEGIN in text and REPORT_END in text:
-            before, rest = text.split(REPORT_BEGIN, 1)
-            after = rest.split(REPORT_END, 1)[1]
-            path.write_text(before + block + after)
-            return
-        path.write_text(text.rstrip() + "\n\n" + block + "\n")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{heading}\n\n{block}\n")
+    update_section(path, REPORT_BEGIN, REPORT_END, generated, preamble=f"{heading}\n")
 
 
 def summarize_ort_profile(path: str | Path, top: int = 8) -> list[dict]:
@@ -257,3 +240,206 @@ def summarize_ort_profile(path: str | Path, top: int = 8) -> list[dict]:
     total = sum(by_op.values()) or 1.0
     ranked = sorted(by_op.items(), key=lambda item: -item[1])[:top]
     return [{"op_type": op, "ms": round(ms, 3), "share": round(ms / total, 4)} for op, ms in ranked]
+
+
+# -- the whole bench ---------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyBenchOptions:
+    """What `imageragturbo bench latency` runs (its flags, by the same names)."""
+
+    model_dir: Path
+    engines: list[str]
+    modes: list[str]
+    n: int
+    warmup: int
+    k: int
+    engine_dir: Path | None
+    """Export folder for onnxruntime/tensorrt (exported there first if empty; None: a temporary one)."""
+    database: str | None
+    """``NAME=DIR``; None: the model's own database, else a temporary one of ``db_size`` world pairs."""
+    db_size: int
+    threads: int
+    ort_optimization: str
+    io_binding: bool
+    ort_static_shapes: bool
+    """Pin onnxruntime's batch and k axes to 1 and ``k`` (the protocol is batch 1)."""
+    device: str
+    trt_precision: str
+    trt_cuda_graph: bool
+    profile: int
+    """After timing, profile this many calls per engine (0: none)."""
+    json: Path
+    report: Path | None
+    png: Path | None
+    notes: list[str]
+
+
+def check_options(options: LatencyBenchOptions) -> None:
+    """Raise BenchError for engines, modes or counts the bench cannot run."""
+    from imageragturbo.engines.protocol import ENGINE_KINDS
+
+    for engine in options.engines:
+        if engine not in ENGINE_KINDS:
+            raise BenchError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_KINDS)}")
+    for mode in options.modes:
+        if mode not in MODES:
+            raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if options.n < 1 or options.warmup < 0 or options.threads < 1:
+        raise BenchError(
+            f"--n and --threads must be >= 1 and --warmup >= 0, got {options.n}, {options.threads}, {options.warmup}"
+        )
+
+
+def run(options: LatencyBenchOptions) -> LatencyResult:
+    """The bench end to end; writes ``options.json`` and, with ``options.report``, the report
+    section and the figure (``options.png``, default ``latency.png`` beside the report)."""
+    import torch
+
+    from imageragturbo.engines.export import MANIFEST_NAME, export_model
+    from imageragturbo.engines.pipeline_engines import use_engine
+    from imageragturbo.model import RagTurboPipeline
+    from imageragturbo.model.pipeline import open_pipeline
+
+    check_options(options)
+    torch.set_num_threads(options.threads)
+    model_dir = options.model_dir
+    torch_pipe = open_pipeline(model_dir, indexes=[options.database] if options.database else None, device=options.device)
+    components = torch_pipe.components
+    if "adapter" in options.modes and components.adapter is None:
+        raise BenchError(f"mode 'adapter' needs a model with an adapter/ folder; {model_dir} has none")
+    machine = latency_fields(options.threads)
+
+    with tempfile.TemporaryDirectory(prefix="irt-latency-") as tmp:
+        work = Path(tmp)
+        database, database_desc = _database(torch_pipe, options.db_size, work)
+        engine_dir = options.engine_dir or work / "onnx"
+        if any(e != "torch" for e in options.engines) and not (engine_dir / MANIFEST_NAME).is_file():
+            print(f"exporting the model to {engine_dir} ...", file=sys.stderr)
+            export_model(components, engine_dir)
+        engine_options = _engine_options(options)
+        pipes = {}
+        for engine in options.engines:
+            pipes[engine] = RagTurboPipeline(components, [database])
+            use_engine(pipes[engine], engine, engine_dir, **engine_options.get(engine, {}))
+        prompts = bench_prompts(options.n)
+        result = run_latency_bench(pipes, options.modes, prompts, warmup=options.warmup, k=options.k, machine=machine)
+        result.protocol.update(
+            model_dir=str(model_dir), model_id=components.model_id, database=database_desc,
+            database_size=len(database.store), prompts="shapes world test-seen eval_prompts",
+            ort_optimization=options.ort_optimization, io_binding=options.io_binding,
+            ort_static_shapes=options.ort_static_shapes,
+        )
+        profile = None
+        if options.profile:
+            profile = profile_ops(pipes, engine_options["onnxruntime"], engine_dir, options.modes, prompts[: options.profile],
+                                  options.k, work)
+    _write(result, profile, options, database_desc)
+    return result
+
+
+def _engine_options(options: LatencyBenchOptions) -> dict[str, dict]:
+    """Per engine kind, what load_pipeline_engines gets besides the export."""
+    from imageragturbo.engines.tensorrt_engine import TrtBuildSpec
+
+    return {
+        "onnxruntime": {
+            "threads": options.threads,
+            "optimization": options.ort_optimization,
+            "io_binding": options.io_binding,
+            "static_sizes": {"batch": 1, "k": options.k} if options.ort_static_shapes else None,
+        },
+        "tensorrt": {
+            "build": TrtBuildSpec(precision=options.trt_precision, batch_ranges=((1, 1, 1),), k_range=(options.k,) * 3),
+            "cuda_graph": options.trt_cuda_graph,
+        },
+    }
+
+
+def _database(pipe, db_size: int, work: Path):
+    """(the database, how the report describes it): the pipeline's first database, or, when
+    the model has none, a temporary one of ``db_size`` world pairs built here."""
+    from imageragturbo.index.build import build_index
+    from imageragturbo.index.disk import load_database
+    from imageragturbo.index.pairs import WorldPairs
+
+    if pipe.databases:
+        database = next(iter(pipe.databases.values()))
+        return database, str(database.store.path)
+    path = work / "index"
+    build_index(pipe, WorldPairs(db_size), path, progress=False)
+    return load_database("world", path), f"a temporary index of {db_size} shapes-world database pairs"
+
+
+def _write(result: LatencyResult, profile: dict | None, options: LatencyBenchOptions, database_desc: str) -> None:
+    data = result.to_dict()
+    if profile:
+        data["profile"] = profile
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(data, indent=2))
+    if not options.report:
+        return
+    report, model_dir = options.report, Path(options.model_dir)
+    png = options.png or report.with_name("latency.png")
+    plot_stacked(result, png, title=f"{model_dir.name}: ms/image, batch 1 ({options.threads} thread(s))")
+    notes = [f"model: `{model_dir}` (id {result.protocol['model_id']}); database: {database_desc}", *options.notes]
+    markdown = render_markdown(result, png_name=Path(png).name if png.parent == report.parent else str(png), notes=notes)
+    if profile:
+        markdown += "\n" + profile_markdown(profile, options.profile, len(options.modes))
+    update_report(report, markdown)
+
+
+# -- profiling -----------------------------------------------------------------------------------
+
+
+def profile_ops(pipes: dict, ort_options: dict, engine_dir: Path, modes, prompts, k: int, work: Path) -> dict:
+    """Untimed: per-op breakdown of the ONNX Runtime graphs and of torch's whole pipeline call,
+    over ``prompts`` in every mode."""
+    import torch
+
+    from imageragturbo.engines.pipeline_engines import load_pipeline_engines
+    from imageragturbo.model import RagTurboPipeline
+
+    out: dict = {}
+    if "torch" in pipes:
+        pipe = pipes["torch"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for mode in modes:
+                for prompt, seed in prompts:
+                    pipe([prompt], [seed], mode=mode, k=k)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+        out["torch"] = [
+            {"op": e.key, "ms": round(e.self_cpu_time_total / 1e3, 3), "share": round(e.self_cpu_time_total / total, 4)}
+            for e in ranked
+        ]
+    if "onnxruntime" in pipes:
+        reference = pipes["onnxruntime"]
+        engines = load_pipeline_engines("onnxruntime", engine_dir, reference.components,
+                                        profile_prefix=str(work / "ort_profile"), **ort_options)
+        pipe = RagTurboPipeline(reference.components, list(reference.databases.values()), engines=engines)
+        for mode in modes:
+            for prompt, seed in prompts:
+                pipe([prompt], [seed], mode=mode, k=k)
+        out["onnxruntime"] = {
+            name: summarize_ort_profile(engine.end_profiling()) for name, engine in engines.engines.items()
+        }
+    return out
+
+
+def profile_markdown(profile: dict, n: int, n_modes: int) -> str:
+    """The top operators of :func:`profile_ops`, per call, as report lines."""
+    calls = n * n_modes
+    lines = [f"Top operators over {calls} profiled calls (ms per call; share of the graph's kernel time):", ""]
+    if "torch" in profile:
+        cells = ", ".join(f"{p['op']} {p['ms'] / calls:.3f} ({100 * p['share']:.0f}%)" for p in profile["torch"][:6])
+        lines.append(f"- torch (whole pipeline call, self CPU time): {cells}")
+    for graph, ops in profile.get("onnxruntime", {}).items():
+        if not ops:  # a graph the profiled modes never ran
+            continue
+        per_call = calls if graph in ("text_encoder", "vae_decode") else n
+        cells = ", ".join(f"{p['op_type']} {p['ms'] / per_call:.3f} ({100 * p['share']:.0f}%)" for p in ops[:6])
+        lines.append(f"- onnxruntime `{graph}`: {cells}")
+    return "\n".join(lines) + "\n"

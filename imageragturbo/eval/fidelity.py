@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.eval.machine import describe_machine
+from imageragturbo.machine import describe_machine
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
 from imageragturbo.model.sampling import sample_multistep
 from imageragturbo.training.pretrain_checkpoints import tensor_to_images

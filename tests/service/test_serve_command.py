@@ -103,7 +103,7 @@ def test_threads_default_leaves_a_core_for_the_event_loop(tiny_model_dir, monkey
 
 
 def test_onnxruntime_engine_gets_the_thread_count(tiny_model_dir, monkeypatch, capsys):
-    import imageragturbo.engines as engines
+    import imageragturbo.engines.pipeline_engines as engines
 
     calls = []
 
@@ -121,12 +121,13 @@ def test_onnxruntime_engine_gets_the_thread_count(tiny_model_dir, monkeypatch, c
 def test_default_index_is_served_as_default(tiny_model_dir, tmp_path, monkeypatch):
     """`serve` opens the model through open_pipeline; <model>/index is served under 'default'."""
     import imageragturbo.model.pipeline as pipeline_module
+    from imageragturbo.model.loading import ModelLoadError
 
     opened = []
 
     def open_pipeline(model_dir, **kwargs):
         opened.append((model_dir, kwargs))
-        raise ValueError("stop here (test)")
+        raise ModelLoadError("stop here (test)")  # a library error: one line, exit status 2
 
     monkeypatch.setattr(pipeline_module, "open_pipeline", open_pipeline)
     model = tmp_path / "model"

@@ -6,6 +6,9 @@ percentiles as the client sees them, the pipeline time the server reports in Ser
 and the mean batch the worker formed (from /metrics). Server overhead = HTTP p50 minus
 pipeline p50 at concurrency 1: everything that is not the model (HTTP parsing, validation,
 the hand-off to the worker, PNG encoding, the client library).
+
+:func:`run` is the whole `imageragturbo bench service`: start a server (or use a running one),
+load it, and write the JSON and the model's section of results/service.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,7 +34,9 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from imageragturbo.eval.machine import describe_machine
+from imageragturbo.benchmarks import BenchError
+from imageragturbo.benchmarks.report import update_section
+from imageragturbo.machine import service_fields
 from imageragturbo.model.pipeline import STAGES
 
 logger = logging.getLogger(__name__)
@@ -91,12 +97,12 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> dict:
-    """Poll GET /readyz until 200; returns its JSON. Raises RuntimeError naming why it gave up."""
+    """Poll GET /readyz until 200; returns its JSON. Raises BenchError naming why it gave up."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} before it was ready")
+            raise BenchError(f"the server exited with status {process.returncode} before it was ready")
         try:
             response = httpx.get(f"{url}/readyz", timeout=2.0)
             if response.status_code == 200:
@@ -105,7 +111,7 @@ def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = No
         except httpx.HTTPError as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.1)
-    raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last answer: {last})")
+    raise BenchError(f"{url}/readyz not ready after {timeout_s:.0f} s (last answer: {last})")
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
@@ -208,17 +214,6 @@ def run_level(url: str, concurrency: int, n: int, body: dict, headers: dict[str,
     )
 
 
-def machine_info() -> dict:
-    """This report's machine fields (results/service.md reads them)."""
-    m = describe_machine()
-    return {
-        "cpu": m.cpu,
-        "cores": m.logical_cores,
-        "python": m.python,
-        "load_avg_at_start": list(m.load_avg) if m.load_avg else None,
-    }
-
-
 def cpu_snapshot() -> tuple[float, dict[int, tuple[int, int]]]:
     """(monotonic time, {pid: (nice, user+system clock ticks)}) of every process, from /proc
     (empty where there is no /proc)."""
@@ -268,7 +263,7 @@ def run_conditions(server_pid: int | None = None, start_snapshot: tuple[float, d
 
 def start_server(
     model: Path,
-    indexes: list[str],
+    databases: list[str],
     extra_env: dict[str, str],
     log_path: Path,
     serve_args: Sequence[str] = (),
@@ -277,9 +272,9 @@ def start_server(
     threads and the server never share an interpreter lock). ``serve_args`` are more serve flags
     (``--engine``, ``--engine-dir``, ``--threads``)."""
     port = free_port()
-    command = [sys.executable, "-m", "imageragturbo.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    for spec in indexes:
-        command += ["--index", spec]
+    command = [sys.executable, "-m", "imageragturbo", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    for spec in databases:
+        command += ["--database", spec]
     command += list(serve_args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
@@ -315,7 +310,7 @@ def run_bench(
     result = ServiceBenchResult(
         model=model_label,
         url=url,
-        machine=machine_info(),
+        machine=service_fields(),
         server={key: info.get(key) for key in ("model", "engine", "threads", "modes", "default_mode", "databases")},
         request=body,
     )
@@ -379,18 +374,124 @@ def _niceness(conditions: dict) -> str:
 
 def update_markdown(path: Path, section_id: str, section: str, preamble: str) -> None:
     """Replace (or append) one model's section in the results page, keeping the others."""
-    start, end = f"<!-- bench:{section_id} -->", f"<!-- /bench:{section_id} -->"
-    block = f"{start}\n{section}{end}\n"
-    text = path.read_text() if path.exists() else preamble
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        text = before + block + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    update_section(path, f"<!-- bench:{section_id} -->", f"<!-- /bench:{section_id} -->", section, preamble)
 
 
 def result_to_json(result: ServiceBenchResult) -> str:
     return json.dumps(asdict(result), indent=2)
+
+
+# -- the whole bench ---------------------------------------------------------------------------
+
+RESULTS_PREAMBLE = """# HTTP service benchmark
+
+`imageragturbo bench service`: closed-loop load on loopback (each client thread keeps one request
+in flight), against a server started by the bench in its own process. Latencies are as the
+client sees them; *pipeline p50* is the sum of the pipeline stages the server reports in
+`Server-Timing` (for a batched request: its batch's stage times). *Server overhead* at
+concurrency 1 is given two ways: HTTP p50 minus pipeline p50, and the p50 over requests of each
+request's HTTP time minus its own pipeline time (HTTP, validation, the hand-offs to and from the
+worker, PNG encoding and the Python client itself). Reproduce with the command under each table.
+"""
+
+
+@dataclass
+class ServiceBenchOptions:
+    """What `imageragturbo bench service` runs (its flags, by the same names)."""
+
+    url: str | None
+    """An already running server; None: start one on a free loopback port."""
+    model: Path | None
+    """Model for the server the bench starts (None: as `serve`, IRT_MODEL or the bundled one)."""
+    databases: list[str]
+    """``NAME=DIR`` databases for the server the bench starts."""
+    engine: str | None
+    engine_dir: Path | None
+    threads: int | None
+    label: str | None
+    """The model's name in the results (None: the model folder's, plus the engine unless torch)."""
+    concurrencies: list[int]
+    n: int
+    warmup: int
+    mode: str | None
+    steps: int
+    json: Path
+    md: Path
+
+
+def serve_args(options: ServiceBenchOptions) -> list[str]:
+    """The `serve` flags that configure the server the bench starts (refused with ``url``: that
+    server is configured already)."""
+    given = {"--engine": options.engine, "--engine-dir": options.engine_dir, "--threads": options.threads}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if options.url is not None and given:
+        raise BenchError(
+            f"{', '.join(given)} configure the server the bench starts; with --url the server is already running "
+            "(start it with these flags instead)"
+        )
+    if options.threads is not None and options.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {options.threads}")
+    return [part for flag, value in given.items() for part in (flag, str(value))]
+
+
+def run(options: ServiceBenchOptions) -> ServiceBenchResult:
+    """The bench end to end: writes ``options.json`` and the model's section of ``options.md``."""
+    from imageragturbo.paths import default_model_dir
+
+    if not options.concurrencies or min(options.concurrencies) < 1 or options.n < 1:
+        raise BenchError(f"need concurrency >= 1 and --n >= 1, got {options.concurrencies} and {options.n}")
+    body: dict = {"steps": options.steps, **({"mode": options.mode} if options.mode else {})}
+    headers = {"Authorization": f"Bearer {os.environ['IRT_API_KEY']}"} if os.environ.get("IRT_API_KEY") else {}
+    model_dir = options.model or default_model_dir()
+    extra = serve_args(options)
+    label = options.label or (model_dir.name if options.url is None else options.url)
+    if options.label is None and options.engine not in (None, "torch"):
+        label += f" ({options.engine})"
+    process = None
+    if options.url is None:
+        if not model_dir.is_dir():
+            raise BenchError(f"model directory not found: {model_dir} (pass --model DIR or --url URL)")
+        log_path = options.json.with_suffix(".server.log")
+        process, url = start_server(model_dir, options.databases, {}, log_path, extra)
+        try:
+            wait_ready(url, timeout_s=300.0, process=process)
+        except BenchError as exc:
+            stop_server(process)
+            raise BenchError(f"{exc}; see {log_path}") from exc
+    else:
+        url = options.url.rstrip("/")
+    try:
+        result = run_bench(url, model_label=label, concurrencies=options.concurrencies, n=options.n, body=body,
+                           headers=headers, warmup=options.warmup, server_pid=process.pid if process is not None else None)
+    finally:
+        if process is not None:
+            stop_server(process)
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(result_to_json(result))
+    section = render_markdown(result, _server_note(url, started=process is not None))
+    update_markdown(options.md, label, section + f"\nCommand: `{_command(options, extra)}`\n\n", RESULTS_PREAMBLE)
+    return result
+
+
+def _server_note(url: str, started: bool) -> str:
+    if not started:
+        return f"{url} (already running)"
+    from imageragturbo.service.settings import ServiceSettings
+
+    settings = ServiceSettings()  # what the server the bench started read from IRT_* (no flags)
+    return (
+        f"`imageragturbo serve` (started by the bench) with max_batch {settings.max_batch}, batch_wait_ms "
+        f"{settings.batch_wait_ms:g}, max_queue {settings.max_queue}"
+    )
+
+
+def _command(options: ServiceBenchOptions, extra: list[str]) -> str:
+    """The command line that reproduces this run."""
+    command = f"imageragturbo bench service --concurrency {','.join(map(str, options.concurrencies))} --n {options.n}"
+    for flag, value in (("--url", options.url), ("--model", options.model), ("--mode", options.mode),
+                        ("--label", options.label)):
+        if value is not None:
+            command += f" {flag} {shlex.quote(str(value))}"
+    command += "".join(f" {shlex.quote(part)}" for part in extra)
+    command += "".join(f" --database {shlex.quote(spec)}" for spec in options.databases)
+    return command + f" --steps {options.steps} --json {options.json}"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from imageragturbo.cli import main
-from imageragturbo.eval.retrieval_bench import (
+from imageragturbo.benchmarks.retrieval.data import exact_topk
+from imageragturbo.benchmarks.retrieval.store import (
     dequantize_int8_per_channel,
-    exact_topk,
     pca_channels,
     quantize_int8_per_channel,
     store_sizes,

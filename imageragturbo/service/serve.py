@@ -1,0 +1,57 @@
+"""`imageragturbo serve`: open a model directory and its databases, and serve them over HTTP."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from imageragturbo.errors import ConfigError
+from imageragturbo.service import settings as service_settings
+
+def serve(
+    model_dir: Path,
+    *,
+    databases: Sequence[str] = (),
+    engine: str = "torch",
+    engine_dir: Path | None = None,
+    adapter_dir: Path | None = None,
+    lora_dir: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    **settings_flags,
+) -> None:
+    """Serve until SIGINT/SIGTERM. ``databases`` are ``NAME=DIR`` specs, the first the default
+    (none: the model's own, :func:`imageragturbo.index.disk.model_databases`); ``settings_flags`` are
+    :class:`ServiceSettings` fields given on the command line (None: from ``IRT_*``)."""
+    settings = service_settings.settings_from_flags(**settings_flags)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(
+            f"model directory not found: {model_dir} (train the bundled model with `make world`, "
+            "or pass --model DIR / set IRT_MODEL)"
+        )
+    if settings.threads is None:
+        settings = settings.model_copy(update={"threads": service_settings.default_worker_threads()})
+
+    from imageragturbo.engines.pipeline_engines import use_engine
+    from imageragturbo.index.disk import model_databases
+    from imageragturbo.model import pipeline
+    from imageragturbo.service import app as service_app
+
+    databases = list(databases) or model_databases(model_dir)
+    # Database checksums are not recomputed at every start (seconds per GB; `imageragturbo
+    # check-database` does that); each database's model identity is checked against the model.
+    pipe = pipeline.open_pipeline(model_dir, indexes=databases, adapter_dir=adapter_dir, lora_dir=lora_dir)
+    # The worker still calls only the pipeline; the pipeline runs its stages on the engines.
+    use_engine(pipe, engine, engine_dir, **({"threads": settings.threads} if engine == "onnxruntime" else {}))
+    app = service_app.create_app(pipe, settings, model_name=model_dir.name, engine=engine)
+    service = app.state.service
+    print(
+        f"serving {model_dir} on http://{host}:{port} (engine {engine}, {settings.threads} intra-op thread(s) of "
+        f"{service_settings.usable_cpus()} usable CPUs; modes {', '.join(service.available_modes)}, default "
+        f"{service.default_mode}; databases {', '.join(service.database_names) or 'none'})",
+        file=sys.stderr,
+    )
+    service_app.run_server(app, host=host, port=port, settings=settings, log_level=log_level)
