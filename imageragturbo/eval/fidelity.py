@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from imageragturbo.machine import describe_machine
+from imageragturbo.model.images import tensor_to_images
+from imageragturbo.model.noise import initial_noise
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
 from imageragturbo.model.sampling import sample_multistep
-from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import CATEGORIES, BenchmarkResult, aggregate, verify
 
 logger = logging.getLogger(__name__)
@@ -94,11 +95,6 @@ def load_prompts(prompts: str, n: int) -> list[tuple[str, int]]:
     return out[:n]
 
 
-def _initial_noise(pipe: RagTurboPipeline, seeds: list[int]) -> torch.Tensor:
-    # The pipeline's own convention: one generator per seed, the first draw is z_T.
-    return torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
 @torch.inference_mode()
 def teacher_images(
     pipe: RagTurboPipeline, teacher_unet, captions: list[str], seeds: list[int], steps: int, cfg_scale: float
@@ -106,7 +102,7 @@ def teacher_images(
     """The multi-step teacher from the same initial noise as the one-step pipeline."""
     ctx = pipe.encoder(captions).ctx
     ctx_uncond = pipe.encoder([""]).ctx
-    z0 = sample_multistep(teacher_unet, pipe.components.scheduler.config, ctx, ctx_uncond, _initial_noise(pipe, seeds), steps, cfg_scale)
+    z0 = sample_multistep(teacher_unet, pipe.components.scheduler.config, ctx, ctx_uncond, initial_noise(seeds, pipe.latent_shape), steps, cfg_scale)
     return tensor_to_images(decode_latents(pipe.components.vae, z0))
 
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imageragturbo.model.images import tensor_to_images
+from imageragturbo.model.noise import initial_noise
 from imageragturbo.model.pipeline import RagTurboPipeline
-from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import verify
 
 NOISED_TIMESTEPS = (249, 499, 749)
@@ -79,7 +80,7 @@ def probe_latents(
     ids, _ = db.searcher.search(encoded.q.cpu().numpy(), 1, texts=captions)
     z0_nb = torch.from_numpy(np.asarray(db.store.latents(ids), dtype=np.float32)[:, 0]).to(device, dtype)
     h_nb = torch.from_numpy(np.asarray(db.store.h_features(ids), dtype=np.float32)[:, 0]).to(device, dtype)
-    z_T = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z_T = initial_noise(seeds, pipe.latent_shape)
     z_T = z_T.to(device, dtype)
     t_max = pipe.num_train_timesteps - 1
 

@@ -32,7 +32,7 @@ from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, save_grid
 from imageragturbo.index.store import RetrievalDatabase
 from imageragturbo.world.spec import HELD_OUT, parse_caption
 from imageragturbo.world.style import read_style
-from imageragturbo.world.verifier import aggregate, verify
+from imageragturbo.world.verifier import verify
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def _has(caption: str, composition: tuple[str, str]) -> bool:
 def vae_ceiling(pipe, prompts: list[tuple[str, int]]) -> list[float]:
     """Verifier scores of ground-truth renders of each prompt after a VAE round trip: what any
     model drawing through this VAE can at best reach on those prompts."""
+    from imageragturbo.model.images import tensor_to_images
     from imageragturbo.model.pipeline import decode_latents
-    from imageragturbo.training.pretrain_checkpoints import tensor_to_images
     from imageragturbo.world.render import render
 
     images = np.stack([render(parse_caption(c), np.random.default_rng(s)) for c, s in prompts])
@@ -229,7 +229,7 @@ def table_markdown(report: dict, fidelity: dict, style: dict) -> str:
     for name, row_cells in fidelity["rows"].items():
         lines.append(f"| {name} | {nfe.get(name, '–')} | " + " | ".join(str(row_cells[c]) for c in cells) + " |")
     diff = fidelity["adapter_minus_control"]
-    lines.append(f"| adapter − no-retrieval control (paired) | | " + " | ".join(str(diff[c]) for c in cells) + " |")
+    lines.append("| adapter − no-retrieval control (paired) | | " + " | ".join(str(diff[c]) for c in cells) + " |")
     lines += [
         "",
         "The control is the same finetune (data, steps, LoRA, trainable parameters) with the gate fixed to 0;",

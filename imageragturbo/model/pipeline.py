@@ -21,7 +21,9 @@ import torch
 from imageragturbo.index.store import RetrievalDatabase
 from imageragturbo.model.adapter import retrieval_gate
 from imageragturbo.model.denoiser import MODES, RagDenoiser
+from imageragturbo.model.images import images_to_tensor, tensor_to_images
 from imageragturbo.model.loading import ModelComponents, load_model
+from imageragturbo.model.noise import draw, latent_shape, seed_generators
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
@@ -106,9 +108,7 @@ class RagTurboPipeline:
         }
         self.schedule = NoiseSchedule.from_scheduler(components.scheduler)
         self.num_train_timesteps = self.schedule.num_train_timesteps
-        sample_size = components.unet.config.sample_size
-        hw = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        self.latent_shape = (int(components.unet.config.in_channels), *map(int, hw))
+        self.latent_shape = latent_shape(components.unet)
         self.databases: dict[str, RetrievalDatabase] = {}
         for database in databases:
             self.add_database(database)
@@ -234,8 +234,8 @@ class RagTurboPipeline:
                 ]
 
         # 4. noise from the seeds: one generator per item, so batching never changes an image
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        z_t = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(device, ctx.dtype)
+        generators = seed_generators(seeds)
+        z_t = draw(generators, self.latent_shape).to(device, ctx.dtype)
 
         # 5.-7. UNet encoder -> adapter | injection | nothing -> UNet decoder, x0 from the output
         timesteps = few_step_timesteps(steps, self.num_train_timesteps)
@@ -250,7 +250,7 @@ class RagTurboPipeline:
                 if i + 1 < len(timesteps):
                     # Few-step sampling re-noises x0 to the next level with fresh noise from
                     # each item's own generator (as ADD/LCM sample).
-                    noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators])
+                    noise = draw(generators, self.latent_shape)
                     z_t = self.schedule.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
 
         # 8. VAE decode
@@ -259,8 +259,7 @@ class RagTurboPipeline:
 
         # 9. uint8 images
         with clock.stage("postprocess"):
-            images = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            images = tensor_to_images(pixels)
 
         return GenerationResult(
             images=images,
@@ -293,8 +292,7 @@ class RagTurboPipeline:
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> scaled VAE latents z0 float32 [N, c, h, w] (the mean, no sampling)."""
         vae = self.components.vae
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        x = x.to(self.device, next(vae.parameters()).dtype)
+        x = images_to_tensor(images).to(self.device, next(vae.parameters()).dtype)
         encoded = vae.encode(x)
         latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
         shift = getattr(vae.config, "shift_factor", None)
@@ -333,7 +331,12 @@ def open_pipeline(
     the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the torch
     modules run.
     """
-    from imageragturbo.index.disk import IndexLoadError, load_database, model_databases, parse_index_spec
+    from imageragturbo.index.disk import (
+        IndexLoadError,
+        load_database,
+        model_databases,
+        parse_index_spec,
+    )
 
     model_dir = Path(model_dir)
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)

@@ -30,414 +30,55 @@ precision and multi-GPU/multi-node, so the paper's 64-GPU run is a config change
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.embeddings import get_timestep_embedding
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from imageragturbo.index.searchers import ExactSearcher
-from imageragturbo.index.store import InMemoryFeatureStore, RetrievalDatabase
 from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
 from imageragturbo.model.denoiser import RagDenoiser
 from imageragturbo.model.loading import ModelComponents, load_model, load_teacher_unet
-from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
-from imageragturbo.training.pretrain_checkpoints import config_from_json, config_to_dict, tensor_to_images
+from imageragturbo.training.checkpoints import (
+    config_to_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from imageragturbo.training.ladd_config import (
+    CONFIG_DIR,
+    LORA_TARGETS,
+    STUDENT_TEXT_BLOCKS,
+    LaddConfig,
+    load_config,
+)
+from imageragturbo.training.ladd_data import prepare_data, real_database
+from imageragturbo.training.ladd_eval import evaluate, evaluate_style, one_step_images
+from imageragturbo.training.ladd_losses import (
+    DiscriminatorHeads,
+    LatentDiscriminator,
+    augment_pair,
+    latent_perceptual_loss,
+)
 from imageragturbo.world.spec import swap_attribute
 
+__all__ = [
+    "CONFIG_DIR", "LORA_TARGETS", "STUDENT_TEXT_BLOCKS", "LaddConfig", "build_generator", "evaluate", "evaluate_style", "export", "install", "load_config", "main", "one_step_images",
+    "prepare_data", "real_database", "run",
+]
+
 logger = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
-"""Where a student run's UNet reads the prompt (see ``LaddConfig.student_text_blocks``)."""
-
-# The decoder's attention (the paper's LoRA), and with ``lora_targets: decoder`` also its ResNet
-# convolutions: in a small UNet the up-blocks' ResNets read the H-space only beside the encoder's
-# skip features of the same resolution, and learn to lean on the skips (measured on shapes-v1's
-# student at t = T: zeroing H moves its output by 2%, swapping the skips by 80%).
-LORA_TARGETS = {
-    "attention": r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-    "decoder": r".*up_blocks\.\d+\.(attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-    r"|resnets\.\d+\.(conv1|conv2|conv_shortcut))",
-}
-
-
-@dataclass(frozen=True)
-class LaddConfig:
-    mode: str = "adapter"
-    """``student`` (all UNet weights train, initialised from the teacher) or ``adapter``."""
-    model_dir: str = "models/shapes-v1"
-    """Tokenizer, text encoder, VAE, scheduler (and, for ``adapter``, the frozen student UNet)."""
-    teacher_unet: str = "auto"
-    """A UNet folder, or ``auto``: the model's ``teacher/`` if it has one, else its ``unet/``
-    (a model that is still only its teacher)."""
-    prompts: str = "world:train"
-    """``world:train`` (shapes-world train captions) or a text file with one prompt per line."""
-    database: str = "world:4096"
-    """Real pairs and the retrieval database: ``world:N`` (N train-split renders, encoded here)
-    or an index folder built by ``build-index`` with this model (its z0, text embeddings and
-    H-features are gathered per batch from the memory-mapped store)."""
-    synthetic_pairs: int = 4096
-    teacher_steps: int = 25
-    cfg_scale: float = 7.5
-    real_fraction: float = 0.25
-    steps: int = 2000
-    batch_size: int = 64
-    """Global batch; ``micro_batch_size`` x gradient accumulation x processes."""
-    micro_batch_size: int = 64
-    lr: float = 1e-4
-    disc_lr: float = 1e-4
-    adam_betas: tuple[float, float] = (0.5, 0.999)
-    weight_decay: float = 0.0
-    alpha: float = 2.5
-    beta: float = 1.0
-    k: int = 4
-    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
-    p_first_timestep: float = 0.5
-    """Share of iterations at t = T (pure noise); the rest are spread over the other few-step levels."""
-    student_text_blocks: str = "all"
-    """Student runs: ``all`` keeps the teacher's architecture; ``mid`` gives the student
-    cross-attention only in its mid-block (plain down and up blocks, initialised from the
-    teacher's ResNets), so that the prompt reaches the image only through the H-space. In the
-    teacher's architecture the decoder's cross-attention carries the content (replacing H by
-    another prompt's moves a one-step output by ~2%, the decoder's text context by ~90%),
-    which leaves an H-space adapter almost nothing to steer. ``encoder`` keeps cross-attention
-    in the down blocks and the mid-block and drops it from the up blocks: the decoder sees the
-    prompt only through the H-space and the skip connections."""
-    exclude_phrases: tuple[str, ...] = ()
-    """Training pairs whose caption contains one of these phrases (e.g. "green circle") are
-    left out, synthetic and real alike. A student trained without some compositions of the
-    train split lets an adapter trained on the whole split meet prompts that the student's
-    text path cannot draw but its neighbours show: the situation retrieval is for."""
-    text_drop: float = 0.0
-    """Adapter runs: share of items whose cross-attention context is the empty prompt's for
-    the generator, while retrieval, the discriminator and the targets keep the real prompt.
-    Without it the prompt already carries all that same-caption neighbours carry, and the
-    adapter learns to ignore them; with it, content must come through the H-space."""
-    text_swap: float = 0.0
-    """Adapter runs on shapes-world prompts: share of items whose generator caption has one
-    entity's colour or shape swapped for another (never into a held-out composition), while
-    retrieval, the discriminator and the targets keep the true caption. The text path then
-    names the wrong thing, as it does for a composition the student never learned, and the
-    right content has to come from the retrieved neighbours through the H-space."""
-    copy_weight: float = 0.0
-    """Adapter runs: weight of an auxiliary term that is not in the paper. A second one-step
-    pass from fresh pure noise, with the same prompt context and neighbours, is pulled towards
-    the first retrieved neighbour's latent (smooth L1), the optimum of which is the H that
-    draws the neighbour (`imageragturbo eval probe --fit-steps`). The paper's losses never ask
-    the adapter to carry a neighbour's content; this one does, on train-split neighbours only."""
-    style_targets: bool = False
-    """Adapter runs on a ``world:N`` database (WORLD.md v2's styles): every item's target gets a
-    style drawn independently of its noise and prompt, and its neighbours come from the training
-    database rendered in that style. The teacher's samples are re-styled in pixel space
-    (``world.style.restyle``: the objects kept, the background moved into the band) and
-    re-encoded by the universal VAE; real pairs are rendered in the drawn style. No caption
-    names the style, so only the retrieved H-features can tell the generator the background:
-    reading the neighbours is what the loss rewards."""
-    retrieval: bool = True
-    """``False`` is the control the paper never ran: the same adapter run (same data, steps,
-    LoRA, trainable parameters) with the gate fixed to 0, so nothing retrieved reaches the
-    image. Claims about retrieval are made against this run, not against the untouched student."""
-    lora_rank: int = 8
-    lora_targets: str = "attention"
-    """``attention`` (the decoder's attention projections) or ``decoder`` (those and the
-    up-blocks' ResNet convolutions)."""
-    adapter_heads: int = 8
-    adapter_layers: int = 1
-    adapter_ff_mult: int = 0
-    disc_channels: int = 64
-    mixed_precision: str = "no"
-    seed: int = 0
-    num_threads: int = 2
-    checkpoint_every_s: float = 180.0
-    eval_every: int = 250
-    eval_prompts: int = 64
-    """Verifier score on this many shapes-world test-seen prompts during training (0: none)."""
-    eval_index: str = ""
-    """Adapter runs: an index folder built with this model (e.g. ``models/shapes-v1/index``)
-    that also holds the held-out and tail compositions at their natural rate; when set, the
-    periodic evaluation also scores test-tail and test-held prompts retrieving from it. Evaluation only: training never reads it."""
-
-
-def load_config(path: str | Path | None = None, **overrides) -> LaddConfig:
-    return config_from_json(LaddConfig, path, **overrides)
-
-
-# -- data -------------------------------------------------------------------------------------
-
-
-@dataclass
-class StyledRows:
-    """The training database rendered in every style: the same scenes and captions (so one
-    searcher and one set of text embeddings serve all styles), each style's latents and H."""
-
-    styles: tuple[str, ...]
-    z0: np.ndarray  # float32 [S, N, c, h, w]
-    h: np.ndarray  # float32 [S, N, C, h', w']
-
-
-@dataclass
-class TrainingData:
-    """Synthetic pairs (noise -> teacher z0) and the real pairs' database (retrieval + D's reals)."""
-
-    syn_captions: list[str]
-    syn_noise: torch.Tensor  # float32 [N, c, h, w]
-    syn_z0: torch.Tensor  # float32 [N, c, h, w]: the teacher's CFG sample from syn_noise
-    real: RetrievalDatabase  # store rows: z0, L2-normalised text embedding, H at t = 0, caption
-    styled: StyledRows | None = None  # style_targets runs: the database in every style
-    syn_z0_styled: torch.Tensor | None = None  # float32 [S, N, c, h, w]: syn_z0 re-styled per style
-
-
-def _train_prompts(config: LaddConfig, n: int) -> list[str]:
-    if config.prompts == "world:train":
-        from imageragturbo.world.splits import world_pairs
-
-        return [caption for _, caption, _ in world_pairs("train", n, seed=config.seed + 1)]
-    lines = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"prompts file {config.prompts} holds no prompt")
-    rng = np.random.default_rng(config.seed)
-    return [lines[i] for i in rng.integers(0, len(lines), size=n)]
-
-
-def _encode_rows(pipe: RagTurboPipeline, images: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 [N, H, W, 3] + captions -> (z0, e, h) float32 numpy rows, in chunks of 256."""
-    z0, e, h = [], [], []
-    for start in range(0, len(captions), 256):
-        z0.append(pipe.encode_images(images[start : start + 256]))
-        e_chunk, h_chunk = pipe.encode_database_rows(z0[-1], captions[start : start + 256])
-        e.append(e_chunk)
-        h.append(h_chunk)
-    return torch.cat(z0).numpy(), torch.cat(e).numpy(), torch.cat(h).numpy()
-
-
-def _real_database(config: LaddConfig, pipe: RagTurboPipeline) -> tuple[RetrievalDatabase, StyledRows | None]:
-    """The real pairs / training database, and (``style_targets``) the same rows in every style."""
-    kind, _, count = config.database.partition(":")
-    if kind != "world":
-        if config.style_targets:
-            raise ValueError(f"style_targets needs a 'world:N' database, got {config.database!r}")
-        from imageragturbo.index.disk import load_database
-
-        return load_database("train", config.database, model_id=pipe.components.model_id), None
-    if not count.isdigit():
-        raise ValueError(f"database must be 'world:N' or an index folder, got {config.database!r}")
-    from imageragturbo.world.render import DEFAULT_STYLE, STYLE_NAMES
-    from imageragturbo.world.splits import world_arrays
-
-    # The train split never holds a purple triangle or a yellow square, and holds the tail at
-    # 1/20 of its rate: what a generator may train on (WORLD.md). Every style renders the same
-    # scenes, so text embeddings and search results are shared.
-    styles = STYLE_NAMES if config.style_targets else (DEFAULT_STYLE,)
-    rows = {}
-    for style in styles:
-        images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2, style=style if config.style_targets else None)
-        if config.exclude_phrases:
-            keep = _kept(config, captions)
-            images, captions = images[keep], [captions[i] for i in keep]
-        rows[style] = _encode_rows(pipe, images, captions)
-    z0, e_all, h = rows[DEFAULT_STYLE]
-    store = InMemoryFeatureStore(e_all, h, captions, pipe.components.model_id, z0=z0)
-    database = RetrievalDatabase("train", ExactSearcher(e_all), store)
-    if not config.style_targets:
-        return database, None
-    styled = StyledRows(styles, np.stack([rows[s][0] for s in styles]), np.stack([rows[s][2] for s in styles]))
-    return database, styled
-
-
-def _restyled_targets(pipe: RagTurboPipeline, z0: torch.Tensor, styles: tuple[str, ...], seed: int) -> torch.Tensor:
-    """The teacher's samples float32 [N, c, h, w] re-styled into each style: float32 [S, N, c, h, w].
-
-    Decoded, their background moved into the style's band in pixel space (objects kept), and
-    re-encoded by the (universal) VAE."""
-    from imageragturbo.world.style import restyle
-
-    rng = np.random.default_rng(seed)
-    out = torch.empty(len(styles), *z0.shape)
-    with torch.inference_mode():
-        for start in range(0, len(z0), 256):
-            images = tensor_to_images(decode_latents(pipe.components.vae, z0[start : start + 256].to(pipe.device)))
-            for si, style in enumerate(styles):
-                moved = np.stack([restyle(im, style, rng) for im in images])
-                out[si, start : start + len(images)] = pipe.encode_images(moved).cpu()
-    return out
-
-
-def prepare_data(config: LaddConfig, parts: ModelComponents, teacher, out_dir: Path) -> TrainingData:
-    """The teacher's synthetic pairs (from the shared cache, sampling what it lacks) and the encoded real pairs."""
-    from imageragturbo.training.teacher_samples import TeacherSamples
-
-    # A run samples only the pairs its steps can draw; the shared cache keeps them for the next.
-    n_syn = config.micro_batch_size - round(config.micro_batch_size * config.real_fraction)
-    needed = min(config.synthetic_pairs, max(1, config.steps * n_syn))
-    source = {"prompts": config.prompts}
-    if not config.prompts.startswith("world:"):
-        source["sha256"] = hashlib.sha256(Path(config.prompts).read_bytes()).hexdigest()
-    samples = TeacherSamples(
-        teacher=teacher, tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, scheduler=parts.scheduler,
-        prompts=lambda n: _train_prompts(config, n), source=source, seed=config.seed + 3,
-        steps=config.teacher_steps, cfg_scale=config.cfg_scale, latent_shape=_latent_shape(parts.unet),
-    )
-    syn_captions, syn_noise, syn_z0 = samples.get(needed)
-
-    if config.exclude_phrases:
-        keep = _kept(config, syn_captions)
-        logger.info("left out %d of %d synthetic pairs (exclude_phrases)", len(syn_captions) - len(keep), len(syn_captions))
-        syn_captions, syn_noise, syn_z0 = [syn_captions[i] for i in keep], syn_noise[keep], syn_z0[keep]
-    pipe = RagTurboPipeline(parts)
-    real, styled = _real_database(config, pipe)
-    syn_z0_styled = None
-    if styled is not None:
-        syn_z0_styled = _restyled_targets(pipe, syn_z0, styled.styles, config.seed + 4)
-        logger.info("re-styled %d synthetic targets into %s", len(syn_captions), ", ".join(styled.styles))
-    return TrainingData(syn_captions, syn_noise, syn_z0, real, styled, syn_z0_styled)
-
-
-def _kept(config: LaddConfig, captions: list[str]) -> list[int]:
-    """Indices of the captions that name none of ``config.exclude_phrases``."""
-    return [i for i, caption in enumerate(captions) if not any(phrase in caption for phrase in config.exclude_phrases)]
-
-
-def _latent_shape(unet) -> tuple[int, int, int]:
-    """(channels, height, width) of the UNet's latents."""
-    size = unet.config.sample_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    return (unet.config.in_channels, *hw)
-
-
-# -- discriminator and perceptual features ---------------------------------------------------
-
-
-class DiscriminatorHead(torch.nn.Module):
-    """Spectrally normalised conv head on one encoder stage; a projection term conditions the
-    per-location logits on the prompt embedding and the noise level."""
-
-    def __init__(self, in_channels: int, cond_dim: int, channels: int):
-        super().__init__()
-        sn = torch.nn.utils.parametrizations.spectral_norm
-        self.conv = sn(torch.nn.Conv2d(in_channels, channels, 3, padding=1))
-        self.act = torch.nn.LeakyReLU(0.2)
-        self.out = sn(torch.nn.Conv2d(channels, 1, 1))
-        self.cond = sn(torch.nn.Linear(cond_dim, channels))
-        self.scale = channels**-0.5
-
-    def forward(self, feature: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """feature [B, C_k, h, w], cond [B, cond_dim] -> logits [B, h*w]."""
-        x = self.act(self.conv(feature))
-        projection = (x * self.cond(cond)[:, :, None, None]).sum(1, keepdim=True) * self.scale
-        return (self.out(x) + projection).flatten(1)
-
-
-class DiscriminatorHeads(torch.nn.Module):
-    """The trainable part of the discriminator: one head per encoder stage."""
-
-    T_DIM = 64
-
-    def __init__(self, stage_channels: list[int], text_dim: int, channels: int):
-        super().__init__()
-        self.heads = torch.nn.ModuleList(DiscriminatorHead(c, text_dim + self.T_DIM, channels) for c in stage_channels)
-
-    def forward(self, stages: tuple[torch.Tensor, ...], q: torch.Tensor, s: torch.Tensor) -> list[torch.Tensor]:
-        t_emb = get_timestep_embedding(s.float(), self.T_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
-        cond = torch.cat([q, t_emb.to(q.dtype)], dim=1)
-        return [head(feature, cond) for head, feature in zip(self.heads, stages)]
-
-
-class LatentDiscriminator:
-    """D(z_s, s, text) = trainable heads over the frozen teacher encoder's stages (down blocks + mid).
-
-    Not a Module on purpose: the heads are prepared by accelerate (and may be wrapped for
-    multi-GPU), the teacher is frozen and shared with the perceptual loss."""
-
-    def __init__(self, teacher_split: SplitUNet, heads: torch.nn.Module):
-        self.teacher = teacher_split  # frozen; gradients still flow through it to the student
-        self.heads = heads
-
-    @staticmethod
-    def stage_channels(unet) -> list[int]:
-        return list(unet.config.block_out_channels) + [unet.config.block_out_channels[-1]]
-
-    def __call__(self, z_s: torch.Tensor, s: torch.Tensor, ctx: torch.Tensor, q: torch.Tensor) -> list[torch.Tensor]:
-        """-> one logits tensor [B, h_k*w_k] per stage."""
-        return self.heads(self.teacher.encode(z_s, s, ctx).stages, q, s)
-
-
-def augment_pair(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random flip, translation and cutout applied to both latents [B, c, h, w]."""
-    bsz, _, h, w = a.shape
-    flip = torch.rand(bsz, generator=gen) < 0.5
-    a = torch.where(flip[:, None, None, None], a.flip(-1), a)
-    b = torch.where(flip[:, None, None, None], b.flip(-1), b)
-    shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
-    a, b = a.roll(shift, dims=(-2, -1)), b.roll(shift, dims=(-2, -1))
-    size = max(1, h // 4)
-    y, x = torch.randint(0, h - size + 1, (1,), generator=gen).item(), torch.randint(0, w - size + 1, (1,), generator=gen).item()
-    mask = torch.ones(1, 1, h, w, dtype=a.dtype, device=a.device)
-    mask[..., y : y + size, x : x + size] = 0
-    return a * mask, b * mask
-
-
-def latent_perceptual_loss(teacher_split: SplitUNet, ctx_uncond: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 9 with F = the frozen teacher encoder's stages at t = 0, unit-normalised per position."""
-    t0 = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    ctx = ctx_uncond.expand(x.shape[0], -1, -1)
-    fx = teacher_split.encode(x, t0, ctx).stages
-    with torch.no_grad():
-        fy = teacher_split.encode(y, t0, ctx).stages
-    loss = x.new_zeros(())
-    for a, b in zip(fx, fy):
-        loss = loss + (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1).mean()
-    return loss
-
-
-# -- the run -----------------------------------------------------------------------------------
-
-
-def _save_checkpoint(out_dir: Path, step: int, config: LaddConfig, generator, heads, opt_g, opt_d, elapsed_s: float) -> None:
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().cpu().contiguous() for n, p in generator.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "generator_trainable.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / "disc_heads.safetensors"))
-    torch.save({"g": opt_g.state_dict(), "d": opt_d.state_dict()}, tmp / "optimizers.pt")
-    (tmp / "config.json").write_text(json.dumps({"config": config_to_dict(config), "step": step}, indent=2))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step_*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved checkpoint %s", final)
-
-
-def _load_checkpoint(path: Path, generator, heads, opt_g, opt_d) -> dict:
-    trainable = load_file(str(path / "generator_trainable.safetensors"))
-    missing = generator.load_state_dict(trainable, strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has parameters this run does not train: {missing.unexpected_keys[:5]}")
-    heads.load_state_dict(load_file(str(path / "disc_heads.safetensors")))
-    optimizers = torch.load(path / "optimizers.pt", weights_only=True)
-    opt_g.load_state_dict(optimizers["g"])
-    opt_d.load_state_dict(optimizers["d"])
-    return json.loads((path / "state.json").read_text())
-
 
 def build_generator(config: LaddConfig, parts: ModelComponents, teacher: UNet2DConditionModel) -> RagDenoiser:
     """The one-step denoiser being trained: all of a teacher-initialised UNet (student mode), or
@@ -544,11 +185,12 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     )
 
     step, elapsed_s = 0, 0.0
-    checkpoints = sorted((out_dir / "checkpoints").glob("step_*"))
-    if resume and checkpoints:
-        state = _load_checkpoint(checkpoints[-1], accelerator.unwrap_model(generator), heads, opt_g, opt_d)
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        modules = {"generator_trainable": accelerator.unwrap_model(generator), "disc_heads": heads}
+        state = load_checkpoint(checkpoint, modules, {"g": opt_g, "d": opt_d}, partial=frozenset({"generator_trainable"}))
         step, elapsed_s = state["step"], state["elapsed_s"]
-        logger.info("resumed from %s at step %d", checkpoints[-1], step)
+        logger.info("resumed from %s at step %d", checkpoint, step)
     gen = torch.Generator().manual_seed(config.seed * 1000 + step)
     n_real = round(config.micro_batch_size * config.real_fraction)
     n_syn = config.micro_batch_size - n_real
@@ -682,79 +324,11 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             with (out_dir / "history.jsonl").open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in history)
             history = []
-            _save_checkpoint(out_dir, step, config, accelerator.unwrap_model(generator), heads, opt_g, opt_d, time.monotonic() - start)
+            save_checkpoint(out_dir, step, config, {"generator_trainable": accelerator.unwrap_model(generator), "disc_heads": heads},
+                            {"g": opt_g, "d": opt_d}, {"elapsed_s": time.monotonic() - start}, partial=frozenset({"generator_trainable"}))
             last_checkpoint = time.monotonic()
     bar.close()
     return export(config, parts, teacher, accelerator.unwrap_model(generator), out_dir / "export", time.monotonic() - start)
-
-
-@torch.no_grad()
-def one_step_images(
-    config,
-    parts,
-    generator: RagDenoiser,
-    schedule,
-    encoder,
-    database: RetrievalDatabase,
-    prompts: list[tuple[str, int]],
-    swapped: bool = False,
-    h_rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """uint8 [P, H, W, 3]: one-step images of (caption, seed) ``prompts``, retrieving from ``database``.
-
-    ``h_rows`` (float [N, C, h, w]) replaces the store's H-features (the same rows in another
-    style); ``swapped``: the generator's prompt has one colour or shape swapped (as
-    ``text_swap`` trains), while retrieval keeps the true caption.
-    """
-    captions = [p for p, _ in prompts]
-    device = next(generator.parameters()).device
-    latent_shape = _latent_shape(parts.unet)
-    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in prompts])
-    noise = noise.to(device)
-    encoded = encoder(captions)
-    t = torch.full((len(captions),), config.student_timesteps[0], device=device)
-    h_retr = lam = None
-    if generator.mode == "adapter":
-        ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
-        h_np = h_rows[ids] if h_rows is not None else np.asarray(database.store.h_features(ids), dtype=np.float32)
-        h_retr = torch.from_numpy(h_np).to(device)
-        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
-        if not config.retrieval:
-            lam = torch.zeros_like(lam)
-    ctx = encoded.ctx
-    if swapped:
-        rng = np.random.default_rng(0)
-        ctx = encoder([swap_attribute(c, rng) for c in captions]).ctx
-    was_training = generator.training
-    generator.eval()
-    x0 = schedule.predict_x0(generator(noise, t, ctx, h_retr, lam), noise, t)
-    generator.train(was_training)
-    return tensor_to_images(decode_latents(parts.vae, x0))
-
-
-def evaluate(config, parts, generator, schedule, encoder, database, split: str = "test-seen", swapped: bool = False) -> float:
-    """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
-    retrieving from ``database`` (``swapped``: see :func:`one_step_images`)."""
-    from imageragturbo.world.splits import eval_prompts
-    from imageragturbo.world.verifier import verify_batch
-
-    prompts = eval_prompts(split, config.eval_prompts)
-    images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, swapped)
-    return verify_batch(list(images), [p for p, _ in prompts]).mean_score
-
-
-def evaluate_style(config, parts, generator, schedule, encoder, database, styled: StyledRows) -> float:
-    """Mean over styles of the fraction of one-step test-seen images whose background band is
-    the style their neighbours were retrieved in (the style table's number, during training)."""
-    from imageragturbo.world.splits import eval_prompts
-    from imageragturbo.world.style import read_style
-
-    prompts = eval_prompts("test-seen", config.eval_prompts)
-    hits = []
-    for si, style in enumerate(styled.styles):
-        images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, h_rows=styled.h[si])
-        hits.append(np.mean([read_style(im) == style for im in images]))
-    return float(np.mean(hits))
 
 
 def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: Path, wall_s: float) -> Path:

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -43,9 +42,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from imageragturbo.training.pretrain_checkpoints import (
+from imageragturbo.model.images import images_to_tensor
+from imageragturbo.training.checkpoints import (
     config_from_json,
-    images_to_tensor,
     latest_checkpoint,
     load_checkpoint,
     lr_at,

@@ -30,15 +30,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from imageragturbo.training.pretrain_checkpoints import (
+from imageragturbo.model.images import images_to_tensor, tensor_to_images
+from imageragturbo.training.checkpoints import (
     config_from_json,
-    images_to_tensor,
     latest_checkpoint,
     load_checkpoint,
     lr_at,
     save_checkpoint,
     seed_everything,
-    tensor_to_images,
 )
 from imageragturbo.world.splits import world_arrays, world_pair
 from imageragturbo.world.verifier import verify_batch

@@ -17,8 +17,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+from imageragturbo.model.images import tensor_to_images
+from imageragturbo.model.noise import initial_noise, latent_shape
 from imageragturbo.model.sampling import sample_multistep
-from imageragturbo.training.pretrain_checkpoints import tensor_to_images
 from imageragturbo.world.verifier import BenchmarkResult, verify_batch
 
 
@@ -42,11 +43,6 @@ def encode_text(tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel,
     return text_encoder(input_ids=ids).last_hidden_state
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """float32 [B, C, H, W]: one standard-normal latent per seed (same seed, same noise)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 @torch.no_grad()
 def generate(
     parts: TeacherParts, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 3.0, batch_size: int = 100
@@ -54,12 +50,11 @@ def generate(
     """uint8 [B, 32, 32, 3] images for ``prompts`` with per-prompt noise ``seeds``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    cfg = parts.unet.config
     ctx_uncond = encode_text(parts.tokenizer, parts.text_encoder, [""])
     out = []
     for i in range(0, len(prompts), batch_size):
         ctx = encode_text(parts.tokenizer, parts.text_encoder, prompts[i : i + batch_size])
-        z_T = initial_noise(seeds[i : i + batch_size], (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+        z_T = initial_noise(seeds[i : i + batch_size], latent_shape(parts.unet))
         z0 = sample_multistep(parts.unet, parts.scheduler.config, ctx, ctx_uncond, z_T, steps, guidance)
         x = parts.vae.decode(z0 / parts.vae.config.scaling_factor).sample
         out.append(tensor_to_images(x))

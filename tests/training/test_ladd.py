@@ -4,11 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import build_tiny_model_dir
 
 from imageragturbo.model import RagTurboPipeline, load_model
 from imageragturbo.model.loading import load_teacher_unet
-from imageragturbo.training import ladd
+from imageragturbo.model.schedule import NoiseSchedule
+from imageragturbo.model.text import PromptEncoder
+from imageragturbo.model.unet_split import SplitUNet
+from imageragturbo.training import ladd, ladd_losses
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +95,9 @@ def _one_step_grads(model_dir, mode):
     parts = load_model(model_dir)
     teacher = load_model(model_dir).unet.float().requires_grad_(False)
     generator = ladd.build_generator(config, parts, teacher)
-    split = ladd.SplitUNet(teacher)
-    heads = ladd.DiscriminatorHeads(ladd.LatentDiscriminator.stage_channels(teacher), 32, 8)
-    disc = ladd.LatentDiscriminator(split, heads)
+    split = SplitUNet(teacher)
+    heads = ladd_losses.DiscriminatorHeads(ladd_losses.LatentDiscriminator.stage_channels(teacher), 32, 8)
+    disc = ladd_losses.LatentDiscriminator(split, heads)
     pipe = RagTurboPipeline(parts)
     z0 = torch.randn(2, 4, 16, 16)
     encoded = pipe.encoder(["a red circle", "two blue squares"])
@@ -110,7 +114,7 @@ def _one_step_grads(model_dir, mode):
     heads_d = all(p.grad is not None for p in heads.parameters())
     heads.zero_grad(set_to_none=True)
     heads.requires_grad_(False)
-    loss_g = -sum(f.mean() for f in disc(x0_hat, t, enc.ctx, enc.q)) + ladd.latent_perceptual_loss(split, enc.ctx[:1], x0_hat, z0)
+    loss_g = -sum(f.mean() for f in disc(x0_hat, t, enc.ctx, enc.q)) + ladd_losses.latent_perceptual_loss(split, enc.ctx[:1], x0_hat, z0)
     loss_g.backward()
     g_step = {n for n, p in generator.named_parameters() if p.grad is not None}
     assert all(p.grad is None for p in teacher.parameters())
@@ -128,7 +132,7 @@ def test_gradients_reach_only_the_intended_parameters(world_like_model):
 
 
 def test_discriminator_heads_are_spectrally_normalised():
-    head = ladd.DiscriminatorHead(16, 8, 4)
+    head = ladd_losses.DiscriminatorHead(16, 8, 4)
     names = {n for n, _ in head.named_parameters()}
     assert any("parametrizations.weight.original" in n for n in names)
     sn_modules = [m for m in head.modules() if hasattr(m, "parametrizations")]
@@ -235,7 +239,7 @@ def test_swapped_evaluation_feeds_the_generator_a_swapped_prompt_and_retrieves_b
 
     config = _config(world_like_model, "adapter", eval_prompts=6)
     parts = load_model(world_like_model, base_only=True)
-    database = ladd._real_database(config, RagTurboPipeline(parts))[0]
+    database = ladd.real_database(config, RagTurboPipeline(parts))[0]
     generator = ladd.build_generator(config, parts, load_teacher_unet(world_like_model))
     encode = PromptEncoder(parts.tokenizer, parts.text_encoder)
     seen_texts, searched = [], []
@@ -282,7 +286,7 @@ def test_retrieval_off_control_trains_the_same_parameter_set_and_reads_nothing(w
     def after_one_step(name, **overrides):
         config = _config(world_like_model, "adapter", steps=1, eval_prompts=0, style_targets=True, **overrides)
         out = ladd.run(config, tmp_path / name)
-        trained = ladd.load_file(str(tmp_path / name / "checkpoints" / "step_00000001" / "generator_trainable.safetensors"))
+        trained = load_file(str(tmp_path / name / "checkpoints" / "step_00000001" / "generator_trainable.safetensors"))
         return trained, load_model(out)
 
     with_retrieval, _ = after_one_step("adapter")
@@ -294,13 +298,13 @@ def test_retrieval_off_control_trains_the_same_parameter_set_and_reads_nothing(w
     assert any(not torch.equal(control[k], with_retrieval[k]) for k in control if k.startswith("adapter."))
     # Gate 0: the control's output does not depend on what is retrieved.
     pipe = RagTurboPipeline(control_model)
-    database = ladd._real_database(_config(world_like_model, "adapter", style_targets=True), pipe)[0]
+    database = ladd.real_database(_config(world_like_model, "adapter", style_targets=True), pipe)[0]
     config = _config(world_like_model, "adapter", retrieval=False, style_targets=True)
     prompts = [("a red circle on the left", 1), ("two blue squares", 2)]
     gen = ladd.build_generator(config, control_model, load_teacher_unet(world_like_model))
     gen.adapter.load_state_dict(control_model.adapter.state_dict())
-    schedule = ladd.NoiseSchedule.from_scheduler(control_model.scheduler)
-    encoder = ladd.PromptEncoder(control_model.tokenizer, control_model.text_encoder)
+    schedule = NoiseSchedule.from_scheduler(control_model.scheduler)
+    encoder = PromptEncoder(control_model.tokenizer, control_model.text_encoder)
     h = np.asarray(database.store.h_features(np.arange(len(database.store))[None]))[0]
     a = ladd.one_step_images(config, control_model, gen, schedule, encoder, database, prompts)
     b = ladd.one_step_images(config, control_model, gen, schedule, encoder, database, prompts, h_rows=h * 0 + 5.0)

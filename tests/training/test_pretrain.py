@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
 from imageragturbo.training import pretrain_clip, pretrain_teacher, pretrain_vae
-from imageragturbo.training.pretrain_checkpoints import checkpoint_dirs, config_from_json, latest_checkpoint
+from imageragturbo.training.checkpoints import checkpoint_dirs, config_from_json, latest_checkpoint
 
 TINY_VAE = {
     "steps": 20, "batch_size": 4, "block_out_channels": [8, 16, 16], "norm_num_groups": 4,
@@ -60,7 +60,8 @@ def test_checkpoint_layout(runs):
     ckpt = dirs[-1]
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["step"] == 20 and saved["config"]["block_out_channels"] == [8, 16, 16]
-    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    # One checkpoint format for every run: optimizers.pt holds {name: state_dict}.
+    opt_state = torch.load(ckpt / "optimizers.pt", weights_only=True)["optimizer"]
     assert isinstance(opt_state["param_groups"][0]["lr"], float)
     assert (ckpt / "vae.safetensors").is_file()
 
@@ -118,3 +119,18 @@ def test_config_refuses_unknown_keys(tmp_path):
         config_from_json(pretrain_vae.VaeConfig, path)
     cfg = config_from_json(pretrain_teacher.TeacherConfig, None, steps=7)
     assert cfg.steps == 7 and isinstance(cfg.block_out_channels, tuple)
+
+
+def test_checkpoints_of_older_runs_resume(tmp_path):
+    # A run checkpointed before the one format (a single optimizer.pt) still resumes.
+    from imageragturbo.training.checkpoints import load_checkpoint, save_checkpoint
+    from imageragturbo.training.pretrain_vae import VaeConfig
+
+    module = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(module.parameters(), lr=0.5)
+    path = save_checkpoint(tmp_path, 3, VaeConfig(), {"m": module}, opt, {"elapsed_s": 1.0})
+    torch.save(torch.load(path / "optimizers.pt", weights_only=True)["optimizer"], path / "optimizer.pt")
+    (path / "optimizers.pt").unlink()
+    fresh = torch.optim.AdamW(module.parameters(), lr=0.1)
+    assert load_checkpoint(path, {"m": module}, fresh)["elapsed_s"] == 1.0
+    assert fresh.param_groups[0]["lr"] == 0.5

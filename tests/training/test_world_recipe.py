@@ -6,10 +6,11 @@ directory that the serving pipeline opens and generates from."""
 import json
 
 import numpy as np
+from tiny_world import tiny_configs
 
 from imageragturbo.cli import main
 from imageragturbo.model.pipeline import open_pipeline
-from tiny_world import tiny_configs
+
 
 def test_train_world_reproduces_a_servable_model_from_nothing(tmp_path):
     tiny_configs(tmp_path / "configs")

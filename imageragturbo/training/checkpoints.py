@@ -1,11 +1,13 @@
-"""Run configs and checkpoints shared by the shapes-world pretraining runs (VAE, CLIP, teacher).
+"""Run configs and the one checkpoint format of every training run (VAE, CLIP, teacher, LADD).
 
 A checkpoint is a directory ``<out>/checkpoints/step_XXXXXXXX/`` holding
 
-- ``<name>.safetensors`` for every module of the run (weights, fp32),
+- ``<name>.safetensors`` for every module of the run (weights, fp32); a module named in
+  ``partial`` holds only its trainable parameters (an adapter run's frozen UNet is not saved),
 - ``config.json``: the run's ``*Config`` plus the step, so a checkpoint says how it was made,
-- ``optimizer.pt``: the optimizer's ``state_dict`` (tensors and numbers only; read back
-  with ``torch.load(..., weights_only=True)``),
+- ``optimizers.pt``: ``{name: state_dict}`` of every optimizer (tensors and numbers only; read
+  back with ``torch.load(..., weights_only=True)``; a single ``optimizer.pt`` of older runs is
+  read as ``{"optimizer": ...}``),
 - ``state.json``: anything else the loop needs to continue (e.g. elapsed seconds).
 
 It is written to a temporary directory and renamed into place, so a process killed while
@@ -77,13 +79,31 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+Optimizers = dict[str, torch.optim.Optimizer]
+
+
+def _as_dict(optimizers: Optimizers | torch.optim.Optimizer | None) -> Optimizers:
+    if optimizers is None:
+        return {}
+    return optimizers if isinstance(optimizers, dict) else {"optimizer": optimizers}
+
+
+def _tensors(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    # contiguous() because safetensors refuses views (e.g. tied or transposed weights).
+    if trainable_only:
+        return {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
     config: Any,
     modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer | None,
+    optimizers: Optimizers | torch.optim.Optimizer | None,
     state: dict[str, Any],
+    *,
+    partial: frozenset[str] = frozenset(),
 ) -> Path:
     """Write ``<out>/checkpoints/step_<step>`` atomically and drop all but the newest two."""
     root = Path(out_dir) / "checkpoints"
@@ -93,11 +113,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
-        # contiguous() because safetensors refuses views (e.g. tied or transposed weights).
-        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(tensors, str(tmp / f"{name}.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(_tensors(module, name in partial), str(tmp / f"{name}.safetensors"))
+    torch.save({name: opt.state_dict() for name, opt in _as_dict(optimizers).items()}, tmp / "optimizers.pt")
     (tmp / "config.json").write_text(json.dumps({"config": config_to_dict(config), "step": step}, indent=2))
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -111,17 +128,30 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path,
     modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer | None,
+    optimizers: Optimizers | torch.optim.Optimizer | None,
+    *,
+    partial: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Load weights (and optimizer state) from a checkpoint directory; return its ``state.json``."""
+    """Load weights (and optimizer states) from a checkpoint directory; return its ``state.json``.
+
+    A ``partial`` module's file must hold only parameters of that module (a subset is fine)."""
     path = Path(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {file.name} for module {name!r}")
-        module.load_state_dict(load_file(str(file)))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        result = module.load_state_dict(load_file(str(file)), strict=name not in partial)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {file} has parameters this run does not train: {result.unexpected_keys[:5]}")
+    wanted = _as_dict(optimizers)
+    if wanted:
+        legacy = path / "optimizer.pt"
+        saved = (torch.load(path / "optimizers.pt", weights_only=True) if (path / "optimizers.pt").is_file()
+                 else {"optimizer": torch.load(legacy, weights_only=True)})
+        for name, opt in wanted.items():
+            if name not in saved:
+                raise FileNotFoundError(f"checkpoint {path} has no state for optimizer {name!r}")
+            opt.load_state_dict(saved[name])
     return json.loads((path / "state.json").read_text())
 
 
@@ -132,14 +162,3 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     # float(): a numpy scalar in the optimizer state would make torch.load(weights_only=True) refuse it.
     return float(base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, 32, 32, 3] HWC -> float32 [B, 3, 32, 32] in [-1, 1] (diffusers' VAE range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()

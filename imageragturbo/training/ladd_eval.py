@@ -1,0 +1,82 @@
+"""Scoring a LADD generator during training: one-step images, the verifier, the style match."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imageragturbo.index.store import RetrievalDatabase
+from imageragturbo.model.adapter import retrieval_gate
+from imageragturbo.model.denoiser import RagDenoiser
+from imageragturbo.model.images import tensor_to_images
+from imageragturbo.model.noise import initial_noise, latent_shape
+from imageragturbo.model.pipeline import decode_latents
+from imageragturbo.training.ladd_data import StyledRows
+from imageragturbo.world.spec import swap_attribute
+
+
+@torch.no_grad()
+def one_step_images(
+    config,
+    parts,
+    generator: RagDenoiser,
+    schedule,
+    encoder,
+    database: RetrievalDatabase,
+    prompts: list[tuple[str, int]],
+    swapped: bool = False,
+    h_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 [P, H, W, 3]: one-step images of (caption, seed) ``prompts``, retrieving from ``database``.
+
+    ``h_rows`` (float [N, C, h, w]) replaces the store's H-features (the same rows in another
+    style); ``swapped``: the generator's prompt has one colour or shape swapped (as
+    ``text_swap`` trains), while retrieval keeps the true caption.
+    """
+    captions = [p for p, _ in prompts]
+    device = next(generator.parameters()).device
+    noise = initial_noise([s for _, s in prompts], latent_shape(parts.unet)).to(device)
+    encoded = encoder(captions)
+    t = torch.full((len(captions),), config.student_timesteps[0], device=device)
+    h_retr = lam = None
+    if generator.mode == "adapter":
+        ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
+        h_np = h_rows[ids] if h_rows is not None else np.asarray(database.store.h_features(ids), dtype=np.float32)
+        h_retr = torch.from_numpy(h_np).to(device)
+        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
+        if not config.retrieval:
+            lam = torch.zeros_like(lam)
+    ctx = encoded.ctx
+    if swapped:
+        rng = np.random.default_rng(0)
+        ctx = encoder([swap_attribute(c, rng) for c in captions]).ctx
+    was_training = generator.training
+    generator.eval()
+    x0 = schedule.predict_x0(generator(noise, t, ctx, h_retr, lam), noise, t)
+    generator.train(was_training)
+    return tensor_to_images(decode_latents(parts.vae, x0))
+
+
+def evaluate(config, parts, generator, schedule, encoder, database, split: str = "test-seen", swapped: bool = False) -> float:
+    """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
+    retrieving from ``database`` (``swapped``: see :func:`one_step_images`)."""
+    from imageragturbo.world.splits import eval_prompts
+    from imageragturbo.world.verifier import verify_batch
+
+    prompts = eval_prompts(split, config.eval_prompts)
+    images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, swapped)
+    return verify_batch(list(images), [p for p, _ in prompts]).mean_score
+
+
+def evaluate_style(config, parts, generator, schedule, encoder, database, styled: StyledRows) -> float:
+    """Mean over styles of the fraction of one-step test-seen images whose background band is
+    the style their neighbours were retrieved in (the style table's number, during training)."""
+    from imageragturbo.world.splits import eval_prompts
+    from imageragturbo.world.style import read_style
+
+    prompts = eval_prompts("test-seen", config.eval_prompts)
+    hits = []
+    for si, style in enumerate(styled.styles):
+        images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, h_rows=styled.h[si])
+        hits.append(np.mean([read_style(im) == style for im in images]))
+    return float(np.mean(hits))
