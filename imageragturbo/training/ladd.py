@@ -50,19 +50,8 @@ from imageragturbo.model.loading import ModelComponents, load_model, load_teache
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
-from imageragturbo.training.checkpoints import (
-    config_to_dict,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from imageragturbo.training.ladd_config import (
-    CONFIG_DIR,
-    LORA_TARGETS,
-    STUDENT_TEXT_BLOCKS,
-    LaddConfig,
-    load_config,
-)
+from imageragturbo.training.checkpoints import config_to_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from imageragturbo.training.ladd_config import CONFIG_DIR, LORA_TARGETS, STUDENT_TEXT_BLOCKS, LaddConfig, load_config
 from imageragturbo.training.ladd_data import prepare_data, real_database
 from imageragturbo.training.ladd_eval import evaluate, evaluate_style, one_step_images
 from imageragturbo.training.ladd_losses import (

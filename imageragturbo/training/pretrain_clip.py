@@ -43,14 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, PreTrainedTokenizerFast
 
 from imageragturbo.model.images import images_to_tensor
 from imageragturbo.training.checkpoints import (
@@ -63,13 +56,7 @@ from imageragturbo.training.checkpoints import (
 )
 from imageragturbo.world.render import render
 from imageragturbo.world.spec import SceneSpec, all_specs, caption, parse_caption
-from imageragturbo.world.splits import (
-    eval_prompts,
-    item_rng,
-    item_style,
-    world_arrays,
-    world_pairs,
-)
+from imageragturbo.world.splits import eval_prompts, item_rng, item_style, world_arrays, world_pairs
 from imageragturbo.world.tokenizer import MODEL_MAX_LENGTH, build_world_tokenizer
 
 logger = logging.getLogger(__name__)

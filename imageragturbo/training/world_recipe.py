@@ -168,11 +168,7 @@ def build_databases(model_dir: Path, n: int, resume: bool = False) -> list[Path]
     """One database per style under ``<model_dir>/databases/``, built with the model's student
     encoder; ``grey`` the default. With ``resume``, a database already built for this model stays."""
     from imageragturbo.index.build import build_index
-    from imageragturbo.index.disk import (
-        DATABASES_DIR,
-        read_manifest,
-        write_databases_file,
-    )
+    from imageragturbo.index.disk import DATABASES_DIR, read_manifest, write_databases_file
     from imageragturbo.index.pairs import WorldPairs
     from imageragturbo.model.pipeline import RagTurboPipeline
     from imageragturbo.world.render import DEFAULT_STYLE, STYLE_NAMES
