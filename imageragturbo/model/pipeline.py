@@ -331,12 +331,7 @@ def open_pipeline(
     the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the torch
     modules run.
     """
-    from imageragturbo.index.disk import (
-        IndexLoadError,
-        load_database,
-        model_databases,
-        parse_index_spec,
-    )
+    from imageragturbo.index.disk import IndexLoadError, load_database, model_databases, parse_index_spec
 
     model_dir = Path(model_dir)
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)
