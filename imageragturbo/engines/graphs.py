@@ -267,6 +267,11 @@ def build_graphs(
             DenoiseOffGraph(RagDenoiser(split, None, "off")),
         ),
     }
+    if components.adapter is not None and components.adapter.xattn is not None:
+        from imageragturbo.errors import ConfigError
+
+        raise ConfigError("this adapter feeds the decoder's cross-attention (retrieval_attention, beyond the paper); "
+                          "only the torch engine runs it: serve with --engine torch")
     if components.adapter is not None:
         graphs["denoise_adapter"] = TorchGraph(
             spec(

@@ -30,6 +30,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 
+from imageragturbo.model.retrieval_attention import RetrievalCrossAttention
+
 
 def retrieval_gate(q: torch.Tensor, e_retr: torch.Tensor) -> torch.Tensor:
     """lambda, float32 [B]: mean over k of cos(q, e_retr[:, j]).
@@ -87,6 +89,8 @@ class HSpaceAdapter(ModelMixin, ConfigMixin):
         ff_mult: int = 0,
         pos_embed: bool = True,
         pos_base_size: int = 16,
+        xattn_ctx_dim: int = 0,
+        xattn_layers: int = 0,
     ):
         super().__init__()
         if channels % num_heads != 0 and head_dim is None:
@@ -104,6 +108,9 @@ class HSpaceAdapter(ModelMixin, ConfigMixin):
         # from the frozen one-step model's behaviour.
         torch.nn.init.zeros_(self.proj_out.weight)
         torch.nn.init.zeros_(self.proj_out.bias)
+        # Beyond the paper (retrieval_attention.py): the neighbours' tokens also reach the
+        # decoder's cross-attention; off (None) for the paper's adapter.
+        self.xattn = RetrievalCrossAttention(channels, xattn_ctx_dim, xattn_layers) if xattn_layers > 0 else None
 
     def _pos(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """The [h*w, C] position embedding, built once per size, dtype and device: building it

@@ -12,6 +12,7 @@ import torch
 
 from imageragturbo.model.adapter import HSpaceAdapter
 from imageragturbo.model.injection import slerp_inject
+from imageragturbo.model.retrieval_attention import attach
 from imageragturbo.model.unet_split import SplitUNet
 
 Mode = Literal["adapter", "inject", "off"]
@@ -22,7 +23,9 @@ class RagDenoiser(torch.nn.Module):
     """``forward(z_t, t, ctx, h_retr, lam, inject_w)`` -> the UNet's model output [B, c, H, W].
 
     - ``off``: the plain UNet (h_retr, lam, inject_w unused).
-    - ``adapter``: h = h_tgt + lam * adapter(h_tgt, h_retr); h_retr float [B, k, C, h, w], lam [B].
+    - ``adapter``: h = h_tgt + lam * adapter(h_tgt, h_retr); h_retr float [B, k, C, h, w], lam [B];
+      an adapter with retrieval cross-attention (beyond the paper) also feeds the neighbours'
+      tokens to the decoder's cross-attention for this call.
     - ``inject``: h = slerp(h_retr[:, 0], h_tgt, inject_w); inject_w float [B].
     """
 
@@ -35,6 +38,8 @@ class RagDenoiser(torch.nn.Module):
         self.split = unet if isinstance(unet, SplitUNet) else SplitUNet(unet)
         self.adapter = adapter if mode == "adapter" else None
         self.mode = mode
+        if self.adapter is not None and self.adapter.xattn is not None:
+            attach(self.split.unet, self.adapter.xattn)
 
     def forward(
         self,
@@ -48,8 +53,13 @@ class RagDenoiser(torch.nn.Module):
         if self.mode == "off":
             return self.split(z_t, t, ctx)
         enc = self.split.encode(z_t, t, ctx)
-        if self.mode == "adapter":
-            h = self.adapter(enc.h, h_retr, lam)
-        else:
-            h = slerp_inject(enc.h, h_retr[:, 0].to(enc.h.dtype), inject_w)
-        return self.split.decode(h, enc.skips, enc.temb, ctx)
+        if self.mode == "inject":
+            return self.split.decode(slerp_inject(enc.h, h_retr[:, 0].to(enc.h.dtype), inject_w), enc.skips, enc.temb, ctx)
+        h = self.adapter(enc.h, h_retr, lam)
+        if self.adapter.xattn is None:
+            return self.split.decode(h, enc.skips, enc.temb, ctx)
+        self.adapter.xattn.bind(h_retr.to(enc.h.dtype), lam)
+        try:
+            return self.split.decode(h, enc.skips, enc.temb, ctx)
+        finally:
+            self.adapter.xattn.bind(None, None)

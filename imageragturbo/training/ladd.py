@@ -47,6 +47,7 @@ from tqdm import tqdm
 from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
 from imageragturbo.model.denoiser import RagDenoiser
 from imageragturbo.model.loading import ModelComponents, load_model, load_teacher_unet
+from imageragturbo.model.retrieval_attention import decoder_cross_attentions
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
@@ -84,6 +85,8 @@ def build_generator(config: LaddConfig, parts: ModelComponents, teacher: UNet2DC
         num_heads=config.adapter_heads,
         num_layers=config.adapter_layers,
         ff_mult=config.adapter_ff_mult,
+        xattn_ctx_dim=int(unet.config.cross_attention_dim) if config.adapter_xattn else 0,
+        xattn_layers=len(decoder_cross_attentions(unet)) if config.adapter_xattn else 0,
     )
     return RagDenoiser(unet, adapter, "adapter")
 

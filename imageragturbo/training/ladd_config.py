@@ -102,6 +102,11 @@ class LaddConfig:
     lora_targets: str = "attention"
     """``attention`` (the decoder's attention projections) or ``decoder`` (those and the
     up-blocks' ResNet convolutions)."""
+    adapter_xattn: bool = False
+    """Beyond the paper: the adapter also feeds the neighbours' H tokens to the decoder's
+    cross-attention as extra keys/values (zero-gated, IP-Adapter style;
+    ``model/retrieval_attention.py``), for when the H-space path cannot carry what the
+    database holds. Off: the paper's adapter (eq. 4-5) alone."""
     adapter_heads: int = 8
     adapter_layers: int = 1
     adapter_ff_mult: int = 0

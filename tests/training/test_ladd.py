@@ -339,3 +339,13 @@ def test_teacher_samples_are_cached_by_what_they_depend_on_and_extended_on_deman
     # Another guidance scale is another cache.
     ladd.prepare_data(_config(world_like_model, "student", steps=1, synthetic_pairs=40, cfg_scale=2.0), parts, teacher, tmp_path)
     assert calls == [4, 4, 4] and len(list((tmp_path / "cache" / "teacher_samples").glob("*.safetensors"))) == 2
+
+
+def test_adapter_xattn_run_trains_the_gates_and_the_control_keeps_them_shut(world_like_model, tmp_path):
+    def gates(name, **overrides):
+        out = ladd.run(_config(world_like_model, "adapter", steps=2, eval_prompts=0, adapter_xattn=True, **overrides),
+                       tmp_path / name)
+        return load_model(out).adapter.xattn.gates.detach()
+
+    assert gates("xattn").abs().max() > 0  # step 1 opens them, step 2 moves the tokens
+    assert torch.equal(gates("control", retrieval=False), torch.zeros(len(gates("xattn"))))
