@@ -1,6 +1,6 @@
 """The two seams of retrieval: a Searcher finds neighbour ids, a FeatureStore hands over their rows.
 
-Shapes, not code, are the contract (DESIGN.md):
+Shapes, not code, are the contract (docs/design.md):
 
 - ``Searcher.search(q float32 [B, D], k) -> (ids int64 [B, k], scores float32 [B, k])``, with q
   L2-normalised and scores dot products (higher is nearer). A lexical searcher ignores q and

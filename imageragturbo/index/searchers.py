@@ -151,7 +151,7 @@ class ScannSpec:
     """How a ScaNN searcher is built and searched; stored in the manifest.
 
     ``mode="brute_force"``: exact float32 dot products. ``mode="tree_ah"``: a spherical k-means
-    tree (``num_leaves`` ~ sqrt(n); spherical because the keys are unit vectors, see FACTS.md:
+    tree (``num_leaves`` ~ sqrt(n); spherical because the keys are unit vectors, see docs/facts.md:
     a generic tree capped recall at ~0.9), anisotropic hashing with ``ah_dims_per_block``
     dimensions per 4-bit code, then exact re-scoring of the ``reorder`` best candidates.
     ``num_leaves_to_search`` and ``reorder`` are the search-time speed/recall knobs.

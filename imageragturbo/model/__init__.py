@@ -3,7 +3,11 @@
 from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
 from imageragturbo.model.injection import slerp_inject
 from imageragturbo.model.loading import ModelComponents, ModelLoadError, load_model
-from imageragturbo.model.pipeline import GenerationResult, RagTurboPipeline, few_step_timesteps
+from imageragturbo.model.pipeline import (
+    GenerationResult,
+    RagTurboPipeline,
+    few_step_timesteps,
+)
 from imageragturbo.model.unet_split import SplitUNet, UNetEncoding
 
 __all__ = [

@@ -1,6 +1,6 @@
 """RagTurboPipeline: prompt -> retrieval -> one (or a few) UNet passes with an H-space edit -> image.
 
-One entry point, ``__call__``, whose body is the request path of DESIGN.md as numbered steps.
+One entry point, ``__call__``, whose body is the request path of docs/design.md as numbered steps.
 The pipeline holds no global state and no per-call state on ``self``, so one worker thread may
 call it repeatedly; randomness comes only from per-item seeded generators, so an item's image is
 the same alone or in any batch.

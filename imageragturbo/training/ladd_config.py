@@ -87,7 +87,7 @@ class LaddConfig:
     draws the neighbour (`imageragturbo eval probe --fit-steps`). The paper's losses never ask
     the adapter to carry a neighbour's content; this one does, on train-split neighbours only."""
     style_targets: bool = False
-    """Adapter runs on a ``world:N`` database (WORLD.md v2's styles): every item's target gets a
+    """Adapter runs on a ``world:N`` database (docs/world.md v2's styles): every item's target gets a
     style drawn independently of its noise and prompt, and its neighbours come from the training
     database rendered in that style. The teacher's samples are re-styled in pixel space
     (``world.style.restyle``: the objects kept, the background moved into the band) and

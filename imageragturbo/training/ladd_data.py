@@ -82,7 +82,7 @@ def real_database(config: LaddConfig, pipe: RagTurboPipeline) -> tuple[Retrieval
     from imageragturbo.world.splits import world_arrays
 
     # The train split never holds a purple triangle or a yellow square, and holds the tail at
-    # 1/20 of its rate: what a generator may train on (WORLD.md). Every style renders the same
+    # 1/20 of its rate: what a generator may train on (docs/world.md). Every style renders the same
     # scenes, so text embeddings and search results are shared.
     styles = STYLE_NAMES if config.style_targets else (DEFAULT_STYLE,)
     rows = {}

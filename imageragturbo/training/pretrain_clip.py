@@ -7,10 +7,10 @@ Usage::
 
 Why contrastive: the text encoder is frozen for everything after it (teacher, student,
 adapter) and its pooled output is the retrieval query. A text encoder trained only through
-the denoising loss barely separates shapes in its pooled vector (FACTS.md); one trained to
+the denoising loss barely separates shapes in its pooled vector (docs/facts.md); one trained to
 pick its image among many others has to encode every word that changes the picture.
 
-Data: every caption of the grammar (525; WORLD.md v2: the text encoder / CLIP is a universal
+Data: every caption of the grammar (525; docs/world.md v2: the text encoder / CLIP is a universal
 component and sees every composition) with ``images_per_caption`` renders each, on uniformly
 drawn styles, drawn once at start. A batch holds ``batch_size``
 *distinct* captions, one random render each, so the InfoNCE targets are exact (no duplicate
@@ -178,7 +178,7 @@ def entity_loss(t: torch.Tensor, positives: torch.Tensor, temperature: float) ->
 
 
 def train_specs() -> list[SceneSpec]:
-    """Every spec of the grammar (525): CLIP is universal (WORLD.md v2)."""
+    """Every spec of the grammar (525): CLIP is universal (docs/world.md v2)."""
     return list(all_specs())
 
 

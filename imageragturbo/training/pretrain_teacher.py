@@ -14,7 +14,7 @@ Inputs are a trained VAE (``vae_dir``) and CLIP run (``clip_dir`` with ``tokeniz
   replaced by the empty string with probability ``cfg_dropout`` for classifier-free guidance;
 - AdamW with linear warmup and cosine decay; an EMA of the weights (exported);
 - data: ``train_images`` renders of the ``train`` split (no held-out composition, tail pairs at
-  1/20 of their rate, styles uniform: WORLD.md v2), encoded
+  1/20 of their rate, styles uniform: docs/world.md v2), encoded
   once to the VAE's posterior mean and std; a fresh latent sample is drawn every step.
   Text contexts are computed once per distinct caption (at most 403 train captions).
 

@@ -6,7 +6,7 @@ Usage::
         --out runs/vae [--steps N] [--resume]
 
 Training images are rendered on the fly from the ``universal`` split (every composition and
-style, WORLD.md v2: the VAE is a universal component); item ``i`` of step ``s`` is item ``s * batch_size + i``, so a resumed run
+style, docs/world.md v2: the VAE is a universal component); item ``i`` of step ``s`` is item ``s * batch_size + i``, so a resumed run
 sees exactly the images it would have seen. The loss is per-pixel MSE + L1 plus a small KL
 term. ``decoder_only`` runs fine-tune the decoder of an exported VAE (``init_from``) while its
 encoder, hence its latent space, stays fixed. At the end the latent scaling factor (1 / std of latents over ``scaling_images`` train

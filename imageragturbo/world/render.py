@@ -1,9 +1,9 @@
-"""Rendering shapes-world scenes (WORLD.md): sampling specs, placing objects, drawing.
+"""Rendering shapes-world scenes (docs/world.md): sampling specs, placing objects, drawing.
 
 Everything is a pure function of a ``numpy.random.Generator``, so the same seed
 gives the same bytes. Drawing is vectorised numpy: each object's coverage is
 computed on a 4x supersampled 128x128 grid and box-downsampled to 32x32, which
-gives the anti-aliased edges WORLD.md fixes; a 32x32 image costs ~0.2 ms.
+gives the anti-aliased edges docs/world.md fixes; a 32x32 image costs ~0.2 ms.
 
 Coordinates are continuous pixels: pixel ``(row i, col j)`` covers
 ``[j, j+1) x [i, i+1)``, so an object centre at ``x = 16`` sits on the border
@@ -25,7 +25,7 @@ MIN_CENTRE_DISTANCE = 12.0
 SQUARE_HALF_SIDE = 0.88  # times r
 MIN_GAP = 1.5  # px between the bounding boxes of two objects in a count scene
 
-# Centre ranges (x range, y range) in pixels, WORLD.md's placement table.
+# Centre ranges (x range, y range) in pixels, docs/world.md's placement table.
 SINGLE_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "left": ((6, 9), (12, 20)),
     "right": ((23, 26), (12, 20)),
@@ -37,12 +37,12 @@ PAIR_H_RANGES = (((6, 10), (10, 22)), ((22, 26), (10, 22)))  # a, b
 PAIR_V_RANGES = (((10, 22), (6, 10)), ((10, 22), (22, 26)))  # a, b
 COUNT_RANGE = ((6, 26), (6, 26))
 
-# Background styles (WORLD.md v2): the base grey g of an image is drawn from its style's band.
+# Background styles (docs/world.md v2): the base grey g of an image is drawn from its style's band.
 # No caption names the style; only a database (one per style) carries it.
 STYLES: dict[str, tuple[float, float]] = {"dim": (40, 80), "grey": (120, 170), "bright": (200, 240)}
 STYLE_NAMES: tuple[str, ...] = tuple(STYLES)
 DEFAULT_STYLE = "grey"
-# The outer ring's mean grey separates the bands at these values (WORLD.md).
+# The outer ring's mean grey separates the bands at these values (docs/world.md).
 STYLE_THRESHOLDS = (100.0, 185.0)
 BACKGROUND_SHIFT = 8
 NOISE_SIGMA_MAX = 4.0
@@ -110,7 +110,7 @@ def _draw_spec(rng: np.random.Generator, split: str) -> SceneSpec:
 
 
 def sample_spec(rng: np.random.Generator, split: str) -> SceneSpec:
-    """Draw a random scene spec allowed in ``split`` (WORLD.md v2's rules).
+    """Draw a random scene spec allowed in ``split`` (docs/world.md v2's rules).
 
     - ``train`` (the generators' stream): never a held-out pair; a scene holding a tail pair is
       kept with probability ``TAIL_RATE`` (else redrawn), so tail pairs appear at 1/20 of
@@ -127,7 +127,7 @@ def sample_spec(rng: np.random.Generator, split: str) -> SceneSpec:
 
 
 def sample_style(rng: np.random.Generator) -> str:
-    """A style drawn uniformly (WORLD.md: where nothing else is said)."""
+    """A style drawn uniformly (docs/world.md: where nothing else is said)."""
     return STYLE_NAMES[rng.integers(len(STYLE_NAMES))]
 
 
@@ -142,7 +142,7 @@ def _uniform_in(rng: np.random.Generator, ranges: tuple[tuple[float, float], tup
 
 
 def layout(spec: SceneSpec, rng: np.random.Generator) -> list[PlacedObject]:
-    """Place the objects of ``spec`` per WORLD.md's table; centres are >= 12 px apart."""
+    """Place the objects of ``spec`` per docs/world.md's table; centres are >= 12 px apart."""
     def size() -> float:
         return float(rng.uniform(*R_RANGE))
 
@@ -160,7 +160,7 @@ def layout(spec: SceneSpec, rng: np.random.Generator) -> list[PlacedObject]:
         xy = rng.uniform(COUNT_RANGE[0][0], COUNT_RANGE[0][1], size=(e.count, 2))
         rs = rng.uniform(*R_RANGE, size=e.count)
         d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
-        # WORLD.md also says objects never touch: two squares 12 px apart on a diagonal would
+        # docs/world.md also says objects never touch: two squares 12 px apart on a diagonal would
         # overlap, so the half-extents' boxes must keep a gap as well.
         half = rs * (SQUARE_HALF_SIDE if e.shape == "square" else 1.0)
         gap = (np.abs(xy[:, None] - xy[None]) - (half[:, None] + half[None])[..., None]).max(-1)

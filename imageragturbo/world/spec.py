@@ -1,4 +1,4 @@
-"""Structured scene specs of the shapes world and their captions (WORLD.md).
+"""Structured scene specs of the shapes world and their captions (docs/world.md).
 
 A :class:`SceneSpec` is what a caption means: a scene kind and its entities.
 ``caption`` turns a spec into the one caption the grammar allows for it, and
@@ -6,7 +6,7 @@ A :class:`SceneSpec` is what a caption means: a scene kind and its entities.
 arbitrary prompts can be verified. Text outside the grammar raises
 ``ValueError`` naming the offending word and its position.
 
-Grammar (WORLD.md, fixed)::
+Grammar (docs/world.md, fixed)::
 
     phrase(1, c, s)  = "a c s"
     phrase(n, c, s)  = "two c ss" | "three c ss"          n = 2, 3
@@ -47,9 +47,9 @@ POSITIONS: tuple[str, ...] = tuple(POSITION_PHRASES)
 KINDS: tuple[str, ...] = ("single", "pair_h", "pair_v", "count")
 NUMBER_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 
-# The (colour, shape) pairs no training image may contain (WORLD.md, "Held-out compositions").
+# The (colour, shape) pairs no training image may contain (docs/world.md, "Held-out compositions").
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("yellow", "square")})
-# The long tail (WORLD.md v2): pairs a generator trains on at 1/20 of their natural rate.
+# The long tail (docs/world.md v2): pairs a generator trains on at 1/20 of their natural rate.
 TAIL: frozenset[tuple[str, str]] = frozenset({("green", "circle"), ("red", "square")})
 
 # Every word a caption of the grammar can contain; the tokenizer's vocabulary.
@@ -93,7 +93,7 @@ class Entity:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """A scene kind plus its entities; validated against WORLD.md's table.
+    """A scene kind plus its entities; validated against docs/world.md's table.
 
     - single: one entity, count 1, position set.
     - pair_h: two entities, count 1, positions ``left`` then ``right``, a != b.
@@ -142,13 +142,13 @@ class SceneSpec:
 
 
 def phrase(entity: Entity) -> str:
-    """``phrase(n, c, s)`` of WORLD.md, e.g. ``"a red circle"``, ``"three blue squares"``."""
+    """``phrase(n, c, s)`` of docs/world.md, e.g. ``"a red circle"``, ``"three blue squares"``."""
     noun = entity.shape if entity.count == 1 else PLURALS[entity.shape]
     return f"{NUMBER_WORDS[entity.count]} {entity.colour} {noun}"
 
 
 def caption(spec: SceneSpec) -> str:
-    """The caption of ``spec`` per WORLD.md's grammar (lowercase, single spaces, no punctuation)."""
+    """The caption of ``spec`` per docs/world.md's grammar (lowercase, single spaces, no punctuation)."""
     ents = spec.entities
     if spec.kind == "single":
         return f"{phrase(ents[0])} {POSITION_PHRASES[ents[0].position]}"

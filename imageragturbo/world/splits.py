@@ -1,4 +1,4 @@
-"""The shapes world's data splits and fixed evaluation prompt lists (WORLD.md v2).
+"""The shapes world's data splits and fixed evaluation prompt lists (docs/world.md v2).
 
 Splits, by who may see them:
 

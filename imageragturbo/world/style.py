@@ -1,4 +1,4 @@
-"""Background styles (WORLD.md v2): reading an image's style, and re-styling an image.
+"""Background styles (docs/world.md v2): reading an image's style, and re-styling an image.
 
 Styles are the part of an image that no caption names and only a database carries
 (``render.STYLES``: the band of the background's base grey). :func:`read_style` reads it back
@@ -21,7 +21,7 @@ def _ring(image: np.ndarray) -> np.ndarray:
 
 
 def background_grey(image: np.ndarray) -> float:
-    """The mean over R, G, B of the outer ring's median colour (WORLD.md's style read-out)."""
+    """The mean over R, G, B of the outer ring's median colour (docs/world.md's style read-out)."""
     image = np.asarray(image)
     if image.shape != (SIZE, SIZE, 3):
         raise ValueError(f"expected an image of shape [{SIZE}, {SIZE}, 3], got {image.shape}")

@@ -1,4 +1,4 @@
-"""A TIFA-like, model-free verifier for shapes-world images (WORLD.md "The verifier").
+"""A TIFA-like, model-free verifier for shapes-world images (docs/world.md "The verifier").
 
 From a caption's spec come yes/no and counting questions, each in one category:
 
@@ -14,7 +14,7 @@ extras      are there objects that the caption does not name?        every scene
 
 They are answered on the image by an analytic detector (:func:`detect`):
 
-1. Background: the per-channel median of low-chroma pixels (WORLD.md's background is
+1. Background: the per-channel median of low-chroma pixels (docs/world.md's background is
    gray with a small per-channel shift).
 2. Colour: each pixel is modelled as ``bg + alpha * (c - bg)`` (a palette colour ``c``
    partly covering the background, which is exactly how anti-aliased edges are drawn);
@@ -27,8 +27,8 @@ They are answered on the image by an analytic detector (:func:`detect`):
    skewness of the coverage is strongly negative; a square fills its bounding box,
    a circle fills about pi/4 of it. Thresholds were set halfway between the feature
    distributions of ground-truth renders and of renders blurred by a 3x3 box filter.
-5. Position: the bounding-box centre (the object centre of WORLD.md's table for all
-   three shapes), classified to the nearest WORLD.md placement range, i.e. thresholds
+5. Position: the bounding-box centre (the object centre of docs/world.md's table for all
+   three shapes), classified to the nearest docs/world.md placement range, i.e. thresholds
    halfway between ranges. Relations compare centres.
 """
 
@@ -178,7 +178,7 @@ def colour_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return k, a.astype(np.float32), fg
 
 
-# Area of a shape of size r, in units of r**2 (WORLD.md's shapes).
+# Area of a shape of size r, in units of r**2 (docs/world.md's shapes).
 _AREA_PER_R2 = {"circle": np.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2, "triangle": 2.0}
 
 

@@ -78,7 +78,7 @@ def test_sd21_shaped_unet_split():
     unet = UNet2DConditionModel(**SD21_UNET_CONFIG).eval()
     assert sum(p.numel() for p in unet.parameters()) > 800e6
     split = SplitUNet(unet)
-    # 32x32 latents (256 px): H-space 1280 x 4 x 4, as FACTS.md measured.
+    # 32x32 latents (256 px): H-space 1280 x 4 x 4, as docs/facts.md measured.
     z_t, ctx, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 1024), torch.tensor([999])
     with torch.no_grad():
         expected = unet(z_t, t, ctx).sample

@@ -1,4 +1,4 @@
-"""Renderer, grammar, splits and verifier of the shapes world (WORLD.md)."""
+"""Renderer, grammar, splits and verifier of the shapes world (docs/world.md)."""
 
 from __future__ import annotations
 
