@@ -136,6 +136,35 @@ def verify_checksums(path: Path, manifest: dict) -> None:
     logger.info("verified %d files of %s", len(entries), path)
 
 
+VALUE_CHECK_ROWS = 8192
+"""Rows read per chunk by :func:`verify_values` (bounded memory at any database size)."""
+
+
+def verify_values(path: Path, store: MemmapFeatureStore, *, features: bool = True) -> None:
+    """Refuse a database whose values cannot be served: every text key finite and of unit
+    norm, every H-feature (and latent) finite. Raises :class:`IndexLoadError` naming the file
+    and the first bad row. ``features=False`` checks the keys only (they are small)."""
+    from imageragturbo.index.searchers import UNIT_NORM_TOLERANCE
+
+    arrays = {name: a for name, a in store.arrays.items() if features or name == "text_emb"}
+    for name, array in arrays.items():
+        file = path / store.manifest["arrays"][name]["file"]
+        for start in range(0, array.shape[0], VALUE_CHECK_ROWS):
+            chunk = np.asarray(array[start : start + VALUE_CHECK_ROWS], dtype=np.float32).reshape(len(array[start : start + VALUE_CHECK_ROWS]), -1)
+            finite = np.isfinite(chunk).all(axis=1)
+            if not finite.all():
+                row = start + int(np.flatnonzero(~finite)[0])
+                raise IndexLoadError(f"{file}: row {row} holds NaN or infinite values; the database is corrupt (rebuild it)")
+            if name == "text_emb":
+                norms = np.linalg.norm(chunk, axis=1)
+                bad = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
+                if bad.any():
+                    row = start + int(np.flatnonzero(bad)[0])
+                    raise IndexLoadError(f"{file}: row {row} has norm {norms[bad][0]:.6g}, keys must be unit vectors; "
+                                         "the database is corrupt (rebuild it)")
+    logger.info("checked the values of %s (%s)", path, ", ".join(arrays))
+
+
 def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """``array[ids]`` for a memory-mapped [N, ...] array and ids int [B, k] -> [B, k, ...],
     reading only those rows (a copy of k rows, never of the array)."""
@@ -265,6 +294,9 @@ def load_database(
     if verify:
         verify_checksums(path, manifest)
     store = MemmapFeatureStore(path, manifest)
+    # The keys are checked at every load (N x D floats: milliseconds for the bundled databases);
+    # the features with ``verify``, as the checksums.
+    verify_values(path, store, features=verify)
     searcher = load_searcher(manifest["searcher"], path / SEARCHER_DIR, store)
     logger.info(
         "loaded index %r from %s: %d entries, searcher %s, model %s",

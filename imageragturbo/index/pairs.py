@@ -70,7 +70,7 @@ class WorldPairs:
         if style is not None and style not in STYLE_NAMES:
             raise PairSourceError(f"--style must be one of {', '.join(STYLE_NAMES)}, got {style!r}")
         self.n, self.seed, self.split, self.style = n, seed, split, style
-        self.description = {"kind": "world", "split": split, "n": n, "seed": seed, "style": style}
+        self.description = {"kind": "world", "split": split, "n": n, "seed": seed} | ({"style": style} if style else {})
 
     def __len__(self) -> int:
         return self.n

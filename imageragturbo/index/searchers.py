@@ -94,6 +94,10 @@ class ExactSearcher:
         if embeddings.ndim != 2 or embeddings.shape[0] == 0:
             raise ValueError(f"embeddings must be a non-empty [N, D] array, got shape {embeddings.shape}")
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        finite = np.isfinite(self.embeddings).all(axis=1)
+        if not finite.all():
+            # A NaN key would compare false with every score and break the top-k selection.
+            raise ValueError(f"embeddings row {int(np.flatnonzero(~finite)[0])} holds NaN or infinite values")
         norms = np.linalg.norm(self.embeddings, axis=1)
         self.exact_cosine_scores = bool(np.all(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE))
         """True when the keys are unit vectors, so a scores row is the cosines between an

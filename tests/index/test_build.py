@@ -295,3 +295,36 @@ def test_build_from_parquet_paths_and_bytes(pipe, tmp_path):
     pq.write_table(pa.table({"picture": encoded[:1], "caption": ["ok"]}), tmp_path / "cols.parquet")
     with pytest.raises(PairSourceError, match="expected columns 'image' and 'caption'"):
         open_pairs(tmp_path / "cols.parquet")
+
+
+def _corrupt(folder, name, row, value):
+    import json as _json
+
+    spec = _json.loads((folder / "manifest.json").read_text())["arrays"][name]
+    array = np.load(folder / spec["file"], mmap_mode="r+")
+    array[row].flat[0] = value
+    array.flush()
+
+
+@pytest.mark.parametrize(("name", "value", "needle"), [
+    ("text_emb", np.nan, "row 3 holds NaN or infinite"),
+    ("text_emb", 7.8e4, "row 3 has norm"),
+    ("h_retr", np.inf, "row 3 holds NaN or infinite"),
+    ("z0", np.nan, "row 3 holds NaN or infinite"),
+])
+def test_a_database_with_bad_values_is_refused_naming_the_file_and_row(tiny_model_dir, tmp_path, name, value, needle):
+    from imageragturbo.index.disk import IndexLoadError, MemmapFeatureStore, load_database, verify_values
+
+    pipe = RagTurboPipeline.from_pretrained(tiny_model_dir)
+    folder = tmp_path / "db"
+    build_index(pipe, WorldPairs(8), folder, progress=False)
+    _corrupt(folder, name, 3, value)
+    with pytest.raises(IndexLoadError, match=needle) as err:
+        if name == "text_emb":
+            load_database("db", folder)  # the keys are checked at every load
+        else:
+            verify_values(folder, MemmapFeatureStore(folder))  # the features with verification
+    assert str(folder) in str(err.value)
+    if name != "text_emb":
+        with pytest.raises(IndexLoadError, match="checksum mismatch"):
+            load_database("db", folder, verify=True)

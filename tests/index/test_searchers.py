@@ -191,3 +191,10 @@ def test_exact_search_over_repeated_keys_scores_each_once_and_agrees_with_every_
     plain = ExactSearcher(x)
     assert plain.distinct_keys == len(x)
     np.testing.assert_array_equal(plain.search(q, k)[0], _sorted_reference(q @ x.T, k))
+
+
+def test_exact_searcher_refuses_non_finite_keys_naming_the_row():
+    e = np.repeat(np.eye(4, 8, dtype=np.float32), 4, 0)
+    e[5] = np.nan
+    with pytest.raises(ValueError, match="row 5 holds NaN"):
+        ExactSearcher(e)
