@@ -1,6 +1,6 @@
 """The compiled graphs: their torch reference modules and their export specs.
 
-Five graphs cover the request path (DESIGN.md); each has named inputs and outputs that every
+Five graphs cover the request path (docs/design.md); each has named inputs and outputs that every
 engine shares:
 
 =================  ===========================================  ==================
