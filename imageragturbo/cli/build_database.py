@@ -26,6 +26,8 @@ def register(sub) -> None:
     source.add_argument("--pairs", type=Path, metavar="PATH",
                         help="a folder of images + same-name .txt captions, a .jsonl or a .parquet of {image, caption}")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's database stream")
+    p.add_argument("--style", choices=("dim", "grey", "bright"), default=None,
+                   help="render every --world pair on this background style (default: drawn per pair)")
     p.add_argument("--searcher", choices=options.searcher_kinds(), default="auto", help="auto: exact under 20k pairs, else scann")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
     p.add_argument("--chunk-size", type=int, default=1024, help="pairs per durable chunk (the unit of --resume)")
@@ -45,7 +47,7 @@ def build(args) -> int:
     from imageragturbo.index.pairs import WorldPairs, open_pairs
     from imageragturbo.model import RagTurboPipeline
 
-    source = WorldPairs(args.world, args.world_seed) if args.world is not None else open_pairs(args.pairs)
+    source = WorldPairs(args.world, args.world_seed, style=args.style) if args.world is not None else open_pairs(args.pairs)
     pipe = RagTurboPipeline.from_pretrained(options.model_dir(args))
     result = build_index(pipe, source, args.out, searcher=args.searcher, batch_size=args.batch_size,
                          chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
@@ -62,8 +64,11 @@ def build(args) -> int:
 def check(args) -> int:
     from imageragturbo.index.disk import MemmapFeatureStore
 
+    from imageragturbo.index.disk import verify_values
+
     store = MemmapFeatureStore(args.path)
     store.verify()
+    verify_values(args.path, store)
     m = store.manifest
     summary = {
         "path": str(args.path),

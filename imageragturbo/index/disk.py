@@ -309,14 +309,14 @@ def rebuild_command(path: Path, manifest: dict, model_dir: str | Path | None = N
     """The ``build-index`` command that rebuilds ``path`` from the same source."""
     source = manifest.get("source", {})
     if source.get("kind") == "world":
-        what = f"--world {source['n']} --world-seed {source['seed']}"
+        what = f"--world {source['n']} --world-seed {source['seed']}" + (f" --style {source['style']}" if source.get("style") else "")
     elif "path" in source:
         what = f"--pairs {source['path']}"
     else:
         what = "--world N | --pairs PATH"
     model = f" --model {model_dir}" if model_dir is not None else ""
     kind = manifest.get("searcher", {}).get("kind", "auto")
-    return f"imageragturbo build-index --out {path}{model} {what} --searcher {kind} --overwrite"
+    return f"imageragturbo build-database --out {path}{model} {what} --searcher {kind} --overwrite"
 
 
 DATABASES_DIR = "databases"

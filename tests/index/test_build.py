@@ -87,13 +87,13 @@ def test_loaded_database_drives_the_pipeline(pipe, world_index):
 def test_model_mismatch_is_refused_naming_both(world_index, tiny_v_model_dir, pipe, tmp_path, capsys):
     code = main(["generate", "a red circle", "--mode", "inject", "--model", str(tiny_v_model_dir),
                  "--index", f"w={world_index}", "--out", str(tmp_path / "x.png")])
-    assert code == 2 and "rebuild the index with this model: imageragturbo build-index" in capsys.readouterr().err
+    assert code == 2 and "rebuild the index with this model: imageragturbo build-database" in capsys.readouterr().err
     other = load_model(tiny_v_model_dir)
     built_with = pipe.components.model_id
     assert other.model_id != built_with
     with pytest.raises(IndexLoadError, match=f"built with model {built_with}.*model is {other.model_id}") as caught:
         load_database("w", world_index, model_id=other.model_id)
-    assert f"imageragturbo build-index --out {world_index} --world 48 --world-seed 0 --searcher exact" in str(caught.value)
+    assert f"imageragturbo build-database --out {world_index} --world 48 --world-seed 0 --searcher exact" in str(caught.value)
     with pytest.raises(ValueError, match=f"built with model {built_with}.*loaded model is {other.model_id}"):
         RagTurboPipeline(other).add_database(load_database("w", world_index))
 
