@@ -5,7 +5,7 @@ does not read the H-space for what the database carries (in a small UNet the dec
 on the skip features and its own text cross-attention), this path lets the retrieved
 H-features reach every decoder cross-attention layer directly, IP-Adapter style:
 
-    out_l = Attn_l(q, K_text, V_text) + lambda * tanh(alpha_l) * to_out_l(Attn(q, to_k_l(r), to_v_l(r)))
+    out_l = Attn_l(q, K_text, V_text) + lambda * tanh(10 alpha_l) * to_out_l(Attn(q, to_k_l(r), to_v_l(r)))
 
 with ``r = proj(norm(tokens(h_retr)))`` [B, k*h*w, D] in the text context's width D, the
 layer's own (LoRA-tuned) projections, and one gate ``alpha_l`` per layer initialised at 0, so
@@ -23,6 +23,9 @@ import re
 import torch
 import torch.nn.functional as F
 
+GATE_SCALE = 10.0
+"""The gate is tanh(GATE_SCALE * alpha): Adam moves alpha by about the learning rate per step
+whatever the gradient, and a gate has to travel to ~1 while the projections move by ~1e-2."""
 DECODER_CROSS_ATTENTION = re.compile(r"up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn2$")
 
 
@@ -64,7 +67,7 @@ class RetrievalCrossAttention(torch.nn.Module):
         bias = getattr(attn.to_out[0], "bias", None)
         if bias is not None:
             out = out - bias  # the base branch already added it once
-        scale = torch.tanh(self.gates[layer]) * lam.to(out.dtype).view(-1, 1, 1)
+        scale = torch.tanh(GATE_SCALE * self.gates[layer]) * lam.to(out.dtype).view(-1, 1, 1)
         return scale * out / attn.rescale_output_factor
 
 
