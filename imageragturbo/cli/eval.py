@@ -29,8 +29,13 @@ def register(sub) -> None:
     p.add_argument("--grid", type=Path, default=None, help="PNG grid of the first 32 samples (default: next to --json)")
     p.set_defaults(handler=fidelity)
 
-    p = evals.add_parser("table", help="the paper's rows in miniature -> <out>/fidelity.md, chart and sample grids")
-    _add_model_and_databases(p)
+    p = evals.add_parser("table", help="every row over seed sets, the style table -> <out>/fidelity.md, its chart and grid")
+    _add_model_and_databases(p, n=100)
+    p.add_argument("--seed-sets", type=int, default=5, help="disjoint sets of --n prompts; cells are mean ± SE over them")
+    p.add_argument("--adapter", type=Path, default=None, help="the adapter rows' adapter directory (default: <model>/adapter)")
+    p.add_argument("--lora", type=Path, default=None, help="the adapter rows' decoder LoRA (default: <model>/unet_lora)")
+    p.add_argument("--no-teacher", action="store_true", help="leave out the (slow) teacher row")
+    p.add_argument("--title", default="", help="the report's heading")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(handler=table)
 
@@ -68,11 +73,13 @@ def fidelity(args) -> int:
 
 
 def table(args) -> int:
-    from imageragturbo.eval import reports
 
-    report = reports.table(options.model_dir(args), databases=args.databases, database=args.retrieve_from,
-                           out=args.out, n=args.n, k=args.k)
-    print(f"wrote {args.out / 'fidelity.md'} ({len(report['results'])} rows x splits)")
+    from imageragturbo.eval.table import run_table
+
+    report = run_table(options.model_dir(args), args.out, n=args.n, seed_sets=args.seed_sets, k=args.k,
+                       databases=args.databases, adapter_dir=args.adapter, lora_dir=args.lora,
+                       include_teacher=not args.no_teacher, title=args.title)
+    print(f"wrote {args.out / 'fidelity.md'} ({len(report['fidelity'])} rows, {report['wall_s']:.0f} s)")
     return 0
 
 

@@ -76,15 +76,6 @@ def fidelity(
     return row, result, grid
 
 
-def table(model_dir: Path, *, databases: Sequence[str] | None, database: str | None, out: Path, n: int, k: int) -> dict:
-    """The paper's rows in miniature -> ``out``/fidelity.md, its chart and sample grids."""
-    from imageragturbo.eval.fidelity import fidelity_table
-
-    pipe, teacher = open_model(model_dir, databases, teacher=True)
-    base_pipe, _ = open_model(model_dir, databases, base_only=True)
-    return fidelity_table(pipe, teacher, out, n=n, k=k, database=database, model_label=str(model_dir), base_pipe=base_pipe)
-
-
 def leverage(model_dir: Path, *, n: int, timesteps: Sequence[int], json_path: Path | None) -> str:
     """How much of the one-step output each path carries, for the student (and the teacher,
     when the model has one); returns the markdown table."""

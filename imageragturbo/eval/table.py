@@ -116,7 +116,8 @@ def vae_ceiling(pipe, prompts: list[tuple[str, int]]) -> list[float]:
     return [verify(im, c).score for im, (c, _) in zip(decoded, prompts)]
 
 
-def open_table_pipelines(model_dir: Path, databases: list[str] | None = None) -> dict:
+def open_table_pipelines(model_dir: Path, databases: list[str] | None = None,
+                         adapter_dir: Path | None = None, lora_dir: Path | None = None) -> dict:
     """The three sets of weights the rows run on, each with the model's databases; the
     student's also holds the random-row database of the oracle control."""
     from imageragturbo.model.loading import load_teacher_unet
@@ -127,7 +128,7 @@ def open_table_pipelines(model_dir: Path, databases: list[str] | None = None) ->
         raise FileNotFoundError(f"{control}: no no-retrieval control in this model (train it: imageragturbo train world --resume)")
     pipes = {
         "student": open_pipeline(model_dir, indexes=databases, base_only=True),
-        "adapter": open_pipeline(model_dir, indexes=databases),
+        "adapter": open_pipeline(model_dir, indexes=databases, adapter_dir=adapter_dir, lora_dir=lora_dir),
         "control": open_pipeline(model_dir, indexes=databases, adapter_dir=control / "adapter", lora_dir=control / "unet_lora"),
     }
     default = next(iter(pipes["student"].databases.values()))
@@ -135,7 +136,7 @@ def open_table_pipelines(model_dir: Path, databases: list[str] | None = None) ->
     return {"pipes": pipes, "teacher": load_teacher_unet(model_dir)}
 
 
-def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4) -> dict:
+def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4, include_teacher: bool = True) -> dict:
     """{row: {split or split/composition: Estimate}}, plus the VAE ceiling row."""
     pipes, teacher = opened["pipes"], opened["teacher"]
     scores: dict[str, dict[str, list[float]]] = {}
@@ -144,6 +145,8 @@ def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4) -> dict:
             prompts = seed_set(split, n, j, sets)
             named = {"VAE round trip (ceiling)": vae_ceiling(pipes["student"], prompts)}
             for weights, row in ROWS:
+                if row.mode == "teacher" and not include_teacher:
+                    continue
                 database = RANDOM_DATABASE if row.name.endswith("random row") else None
                 t = time.perf_counter()
                 result = evaluate_fidelity(pipes[weights], row, prompts, split, teacher_unet=teacher, k=k, database=database)
@@ -183,18 +186,21 @@ def style_rows(opened: dict, n: int, sets: int, k: int = 4) -> tuple[dict, dict]
 
 
 def run_table(model_dir: Path, out_dir: Path, *, n: int = 100, seed_sets: int = 5, k: int = 4,
-              databases: list[str] | None = None) -> dict:
+              databases: list[str] | None = None, adapter_dir: Path | None = None, lora_dir: Path | None = None,
+              include_teacher: bool = True, title: str = "") -> dict:
     """Both tables for ``model_dir`` into ``out_dir`` (see module docstring); returns the report."""
     from imageragturbo.machine import describe_machine
 
     if seed_sets < 2:
         raise ValueError(f"seed_sets must be >= 2 to give a standard error, got {seed_sets}")
     start = time.perf_counter()
-    opened = open_table_pipelines(Path(model_dir), databases)
-    fidelity = fidelity_rows(opened, n, seed_sets, k)
+    opened = open_table_pipelines(Path(model_dir), databases, adapter_dir, lora_dir)
+    fidelity = fidelity_rows(opened, n, seed_sets, k, include_teacher)
     style, grids = style_rows(opened, n, seed_sets, k)
     report = {
         "model": str(model_dir),
+        "title": title or "Prompt fidelity and style on the shapes world (v2)",
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "machine": describe_machine(("torch",), gpu=True).summary(),
         "n_per_set": n,
         "seed_sets": seed_sets,
@@ -215,17 +221,19 @@ def run_table(model_dir: Path, out_dir: Path, *, n: int = 100, seed_sets: int = 
 def table_markdown(report: dict, fidelity: dict, style: dict) -> str:
     cells = [*SPLITS, *(f"test-held/{' '.join(c)}" for c in HELD_COMPOSITIONS)]
     lines = [
-        "# Prompt fidelity and style on the shapes world (v2)",
+        f"# {report['title']}",
         "",
         f"Model: `{report['model']}`. Machine: {report['machine']}. Each cell: the verifier's mean over "
         f"{report['seed_sets']} seed sets of {report['n_per_set']} prompts (disjoint prompts and noise seeds), "
         f"± the standard error of that mean; k = {report['k']} neighbours; wall time {report['wall_s']:.0f} s.",
-        f"Reproduce: `imageragturbo eval table --model {report['model']} --out results`.",
+        f"Reproduce: `imageragturbo eval table --model {report['model']} --out results`"
+        + (f" (adapter and LoRA from `{report['adapter_dir']}`)." if report["adapter_dir"] else "."),
         "",
         "| row | NFE | " + " | ".join(cells) + " |",
         "| --- | --- | " + " | ".join("---" for _ in cells) + " |",
     ]
     nfe = {row.name: row.nfe for _, row in ROWS}
+    nfe["VAE round trip (ceiling)"] = 0
     for name, row_cells in fidelity["rows"].items():
         lines.append(f"| {name} | {nfe.get(name, '–')} | " + " | ".join(str(row_cells[c]) for c in cells) + " |")
     diff = fidelity["adapter_minus_control"]

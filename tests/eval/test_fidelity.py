@@ -6,7 +6,7 @@ import torch
 from tiny_models import build_tiny_model_dir
 
 from imageragturbo.cli import main
-from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, fidelity_table, load_prompts
+from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, load_prompts
 from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
 from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 from imageragturbo.model.loading import load_teacher_unet
@@ -56,36 +56,6 @@ def test_rows_score_in_range_and_oracle_dominates_fixed_w(pipe, world_model):
     assert oracle.benchmark.mean_score >= fixed.benchmark.mean_score
     assert sum(oracle.extra["oracle_w_histogram"].values()) == 6
     assert teacher_row.row.nfe == 4  # CFG doubles the UNet evaluations
-
-
-def test_table_writes_every_artifact(pipe, world_model, tmp_path):
-    rows = (RowSpec("off", "off"), RowSpec("adapter 1-step", "adapter"), RowSpec("teacher", "teacher", steps=2))
-    report = fidelity_table(pipe, load_teacher_unet(world_model), tmp_path, n=4, rows=rows, model_label="tiny")
-    assert len(report["results"]) == 6
-    text = (tmp_path / "fidelity.md").read_text()
-    assert "| adapter 1-step | 1 |" in text and "| teacher | 4 |" in text
-    assert (tmp_path / "fidelity_categories.png").stat().st_size > 1000
-    assert len(list((tmp_path / "samples").glob("*.png"))) == 6
-    assert json.loads((tmp_path / "fidelity.json").read_text())["results"][0]["n"] == 4
-
-
-def test_plain_rows_use_the_base_pipeline_and_the_lora_ablation_does_not(pipe, world_model, tmp_path, monkeypatch):
-    import imageragturbo.eval.fidelity as fidelity
-
-    base = object()
-    used = {}
-    real = fidelity.evaluate_fidelity
-
-    def spy(row_pipe, row, prompts, split, **kwargs):
-        used[row.name] = "base" if row_pipe is base else "lora"
-        return real(pipe, row, prompts, split, **kwargs)
-
-    monkeypatch.setattr(fidelity, "evaluate_fidelity", spy)
-    rows = (RowSpec("off", "off"), RowSpec("inject", "inject"), RowSpec("off + lora", "off", with_lora=True),
-            RowSpec("adapter", "adapter"))
-    fidelity_table(pipe, load_teacher_unet(world_model), tmp_path, n=2, rows=rows, base_pipe=base)
-    assert used == {"off": "base", "inject": "base", "off + lora": "lora", "adapter": "lora"}
-    assert any(r.with_lora and r.mode == "off" for r in fidelity.PAPER_ROWS)
 
 
 def test_eval_fidelity_command(world_model, tmp_path, capsys):
