@@ -26,7 +26,9 @@ TINY = {
                                      database="world:8", disc_channels=8, eval_prompts=2, k=2, lora_rank=2,
                                      adapter_heads=2, num_threads=1),
 }
-TINY["ladd_adapter_no_retrieval_shapes.json"] = TINY["ladd_adapter_shapes.json"]
+for _name in ("ladd_adapter_no_retrieval_shapes.json", "ladd_adapter_xattn_shapes.json",
+              "ladd_adapter_xattn_no_retrieval_shapes.json"):
+    TINY[_name] = TINY["ladd_adapter_shapes.json"]
 
 
 def tiny_configs(folder: Path) -> Path:

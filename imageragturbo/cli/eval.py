@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--seed-sets", type=int, default=5, help="disjoint sets of --n prompts; cells are mean ± SE over them")
     p.add_argument("--adapter", type=Path, default=None, help="the adapter rows' adapter directory (default: <model>/adapter)")
     p.add_argument("--lora", type=Path, default=None, help="the adapter rows' decoder LoRA (default: <model>/unet_lora)")
+    p.add_argument("--control", type=Path, default=None, help="the no-retrieval control (default: <model>/no_retrieval)")
     p.add_argument("--no-teacher", action="store_true", help="leave out the (slow) teacher row")
     p.add_argument("--title", default="", help="the report's heading")
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -77,7 +78,7 @@ def table(args) -> int:
     from imageragturbo.eval.table import run_table
 
     report = run_table(options.model_dir(args), args.out, n=args.n, seed_sets=args.seed_sets, k=args.k,
-                       databases=args.databases, adapter_dir=args.adapter, lora_dir=args.lora,
+                       databases=args.databases, adapter_dir=args.adapter, lora_dir=args.lora, control_dir=args.control,
                        include_teacher=not args.no_teacher, title=args.title)
     print(f"wrote {args.out / 'fidelity.md'} ({len(report['fidelity'])} rows, {report['wall_s']:.0f} s)")
     return 0

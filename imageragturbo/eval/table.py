@@ -116,14 +116,14 @@ def vae_ceiling(pipe, prompts: list[tuple[str, int]]) -> list[float]:
     return [verify(im, c).score for im, (c, _) in zip(decoded, prompts)]
 
 
-def open_table_pipelines(model_dir: Path, databases: list[str] | None = None,
-                         adapter_dir: Path | None = None, lora_dir: Path | None = None) -> dict:
+def open_table_pipelines(model_dir: Path, databases: list[str] | None = None, adapter_dir: Path | None = None,
+                         lora_dir: Path | None = None, control_dir: Path | None = None) -> dict:
     """The three sets of weights the rows run on, each with the model's databases; the
     student's also holds the random-row database of the oracle control."""
     from imageragturbo.model.loading import load_teacher_unet
     from imageragturbo.model.pipeline import open_pipeline
 
-    control = model_dir / CONTROL_DIR
+    control = Path(control_dir) if control_dir is not None else model_dir / CONTROL_DIR
     if not control.is_dir():
         raise FileNotFoundError(f"{control}: no no-retrieval control in this model (train it: imageragturbo train world --resume)")
     pipes = {
@@ -187,20 +187,22 @@ def style_rows(opened: dict, n: int, sets: int, k: int = 4) -> tuple[dict, dict]
 
 def run_table(model_dir: Path, out_dir: Path, *, n: int = 100, seed_sets: int = 5, k: int = 4,
               databases: list[str] | None = None, adapter_dir: Path | None = None, lora_dir: Path | None = None,
-              include_teacher: bool = True, title: str = "") -> dict:
+              control_dir: Path | None = None, include_teacher: bool = True, title: str = "") -> dict:
     """Both tables for ``model_dir`` into ``out_dir`` (see module docstring); returns the report."""
     from imageragturbo.machine import describe_machine
 
     if seed_sets < 2:
         raise ValueError(f"seed_sets must be >= 2 to give a standard error, got {seed_sets}")
     start = time.perf_counter()
-    opened = open_table_pipelines(Path(model_dir), databases, adapter_dir, lora_dir)
+    opened = open_table_pipelines(Path(model_dir), databases, adapter_dir, lora_dir, control_dir)
     fidelity = fidelity_rows(opened, n, seed_sets, k, include_teacher)
     style, grids = style_rows(opened, n, seed_sets, k)
     report = {
         "model": str(model_dir),
         "title": title or "Prompt fidelity and style on the shapes world (v2)",
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "lora_dir": str(lora_dir) if lora_dir else None,
+        "control_dir": str(control_dir) if control_dir else None,
         "machine": describe_machine(("torch",), gpu=True).summary(),
         "n_per_set": n,
         "seed_sets": seed_sets,
@@ -226,8 +228,10 @@ def table_markdown(report: dict, fidelity: dict, style: dict) -> str:
         f"Model: `{report['model']}`. Machine: {report['machine']}. Each cell: the verifier's mean over "
         f"{report['seed_sets']} seed sets of {report['n_per_set']} prompts (disjoint prompts and noise seeds), "
         f"± the standard error of that mean; k = {report['k']} neighbours; wall time {report['wall_s']:.0f} s.",
-        f"Reproduce: `imageragturbo eval table --model {report['model']} --out results`"
-        + (f" (adapter and LoRA from `{report['adapter_dir']}`)." if report["adapter_dir"] else "."),
+        f"Reproduce: `imageragturbo eval table --model {report['model']} --out results"
+        + (f" --adapter {report['adapter_dir']}" if report["adapter_dir"] else "")
+        + (f" --lora {report['lora_dir']}" if report["lora_dir"] else "")
+        + (f" --control {report['control_dir']}" if report["control_dir"] else "") + "`.",
         "",
         "| row | NFE | " + " | ".join(cells) + " |",
         "| --- | --- | " + " | ".join("---" for _ in cells) + " |",

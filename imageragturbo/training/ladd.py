@@ -327,7 +327,7 @@ def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: 
     """Write a complete model directory: the source model's parts plus what this run trained."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(parts.model_dir, tmp, ignore=shutil.ignore_patterns("adapter", "unet_lora", "index", "databases", "no_retrieval", "README.md"))
+    shutil.copytree(parts.model_dir, tmp, ignore=shutil.ignore_patterns("adapter", "unet_lora", "index", "databases", "no_retrieval", "paper_adapter", "README.md"))
     unet = generator.split.unet
     if config.mode == "student":
         shutil.rmtree(tmp / "unet", ignore_errors=True)

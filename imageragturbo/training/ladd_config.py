@@ -26,7 +26,7 @@ LORA_TARGETS = {
 class LaddConfig:
     mode: str = "adapter"
     """``student`` (all UNet weights train, initialised from the teacher) or ``adapter``."""
-    model_dir: str = "models/shapes-v1"
+    model_dir: str = "models/shapes-v2"
     """Tokenizer, text encoder, VAE, scheduler (and, for ``adapter``, the frozen student UNet)."""
     teacher_unet: str = "auto"
     """A UNet folder, or ``auto``: the model's ``teacher/`` if it has one, else its ``unet/``
@@ -119,7 +119,7 @@ class LaddConfig:
     eval_prompts: int = 64
     """Verifier score on this many shapes-world test-seen prompts during training (0: none)."""
     eval_index: str = ""
-    """Adapter runs: an index folder built with this model (e.g. ``models/shapes-v1/index``)
+    """Adapter runs: an index folder built with this model (e.g. ``models/shapes-v2/databases/grey``)
     that also holds the held-out and tail compositions at their natural rate; when set, the
     periodic evaluation also scores test-tail and test-held prompts retrieving from it. Evaluation only: training never reads it."""
 

@@ -13,9 +13,14 @@ Stages (each with its own config under ``configs/``, run folders under ``work``)
 7. ``databases``: one database per style (``dim``, ``grey``, ``bright``: the same scenes of
    the database split, each on its style's background) built with the student's encoder,
    ``grey`` the default;
-8. ``adapter``: the H-space adapter + decoder LoRA with style targets (``ladd_adapter_shapes.json``), installed;
-9. ``no_retrieval``: the control, the same run with the gate fixed to 0
-   (``ladd_adapter_no_retrieval_shapes.json``), its LoRA installed as ``<out>/no_retrieval/``.
+8. ``paper_adapter``: the paper's H-space adapter (eq. 4-5) + decoder LoRA with style targets
+   (``ladd_adapter_shapes.json``) and its control, the same run with the gate fixed to 0
+   (``ladd_adapter_no_retrieval_shapes.json``), as ``<out>/paper_adapter/`` and
+   ``<out>/paper_adapter/no_retrieval/``: measured, it does not carry the style (results/);
+9. ``adapter``: the same adapter with retrieval cross-attention (beyond the paper:
+   ``model/retrieval_attention.py``; ``ladd_adapter_xattn_shapes.json``), installed as the
+   model's ``adapter/`` + ``unet_lora/``, and its control
+   (``ladd_adapter_xattn_no_retrieval_shapes.json``) as ``<out>/no_retrieval/``.
 
 ``resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
 (a stage is finished when its export exists).
@@ -48,10 +53,17 @@ class RecipeError(ConfigError):
 
 CONFIGS = Path(__file__).parent / "configs"
 STAGE_CONFIGS = ("vae.json", "vae_decoder_ft.json", "clip.json", "clip_entities.json", "teacher.json")
-LADD_CONFIGS = {"student": "ladd_student_shapes.json", "adapter": "ladd_adapter_shapes.json", "no_retrieval": "ladd_adapter_no_retrieval_shapes.json"}
+LADD_CONFIGS = {
+    "student": "ladd_student_shapes.json",
+    "paper_adapter": "ladd_adapter_shapes.json",
+    "paper_no_retrieval": "ladd_adapter_no_retrieval_shapes.json",
+    "adapter": "ladd_adapter_xattn_shapes.json",
+    "no_retrieval": "ladd_adapter_xattn_no_retrieval_shapes.json",
+}
 WORLD_DATABASE_PAIRS = 3072
 """Rows per style database: three of them (24 MB) keep the bundled model, teacher included, under 80 MB."""
 NO_RETRIEVAL_DIR = "no_retrieval"
+PAPER_ADAPTER_DIR = "paper_adapter"
 
 
 def model_index() -> dict:
@@ -208,27 +220,39 @@ def build_world(out: Path, work: Path, resume: bool = False, configs: Path = CON
           model_dir=str(out), install_into=out)
     timed("databases", build_databases, out, index_pairs, resume=resume)
     eval_index = str(out / "databases" / "grey")
-    timed("adapter", ladd.main, configs / LADD_CONFIGS["adapter"], work / "adapter", resume=resume,
-          model_dir=str(out), install_into=out, eval_index=eval_index)
-    export = timed("no_retrieval", ladd.main, configs / LADD_CONFIGS["no_retrieval"], work / NO_RETRIEVAL_DIR,
-                   resume=resume, model_dir=str(out), eval_index=eval_index)
-    install_no_retrieval(export, out)
+
+    def finetune(name: str, run_dir: str, dest: Path | None = None, **install) -> None:
+        export = timed(name, ladd.main, configs / LADD_CONFIGS[name], work / run_dir, resume=resume,
+                       model_dir=str(out), eval_index=eval_index, **install)
+        if dest is not None:
+            install_variant(export, dest)
+
+    # The paper's adapter (eq. 4-5) and its control, kept beside the served one for the table.
+    finetune("paper_adapter", "adapter", out / PAPER_ADAPTER_DIR)
+    finetune("paper_no_retrieval", "no_retrieval", out / PAPER_ADAPTER_DIR / NO_RETRIEVAL_DIR)
+    # Served: the adapter with retrieval cross-attention (beyond the paper), and its control.
+    finetune("adapter", "adapter_xattn", install_into=out)
+    finetune("no_retrieval", "no_retrieval_xattn", out / NO_RETRIEVAL_DIR)
     result = {"stage_wall_s": {**teacher_eval.get("stage_wall_s", {}), **walls}, "teacher": teacher_eval}
     (work / "world.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def install_no_retrieval(export_dir: Path, model_dir: Path) -> None:
-    """The control's decoder LoRA (and its adapter, which the gate kept silent) as
-    ``<model_dir>/no_retrieval/``: ``imageragturbo eval table`` scores it as its own row."""
-    staged = model_dir / f".{NO_RETRIEVAL_DIR}.new"
+def install_variant(export_dir: Path, dest: Path) -> None:
+    """A finetune's decoder LoRA and adapter (``unet_lora/``, ``adapter/``, its config) as
+    ``dest``, staged beside it and renamed into place: ``imageragturbo eval table`` scores it as
+    its own rows (``--adapter``/``--lora``, or the control's ``--control``)."""
+    staged = dest.with_name(f".{dest.name}.new")
     shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
+    staged.mkdir(parents=True)
     for part in ("unet_lora", "adapter"):
         shutil.copytree(export_dir / part, staged / part)
     shutil.copy(export_dir / "ladd_adapter.json", staged / "ladd_adapter.json")
-    shutil.rmtree(model_dir / NO_RETRIEVAL_DIR, ignore_errors=True)
-    staged.rename(model_dir / NO_RETRIEVAL_DIR)
+    keep = dest / NO_RETRIEVAL_DIR  # a variant's control lives inside it
+    if keep.is_dir():
+        keep.rename(staged / NO_RETRIEVAL_DIR)
+    shutil.rmtree(dest, ignore_errors=True)
+    staged.rename(dest)
 
 
 if __name__ == "__main__":

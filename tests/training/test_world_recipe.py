@@ -20,10 +20,14 @@ def test_train_world_reproduces_a_servable_model_from_nothing(tmp_path):
     assert main(argv) == 0
 
     for part in ("unet", "teacher", "adapter", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler",
-                 "databases/dim", "databases/grey", "databases/bright", "no_retrieval/unet_lora", "no_retrieval/adapter"):
+                 "databases/dim", "databases/grey", "databases/bright", "no_retrieval/unet_lora", "no_retrieval/adapter",
+                 "paper_adapter/adapter", "paper_adapter/unet_lora", "paper_adapter/no_retrieval/unet_lora"):
         assert (out / part).is_dir(), part
     assert json.loads((work / "eval.json").read_text())["n_prompts"] == 2
     assert json.loads((out / "no_retrieval" / "ladd_adapter.json").read_text())["config"]["retrieval"] is False
+    served = json.loads((out / "adapter" / "config.json").read_text())
+    paper = json.loads((out / "paper_adapter" / "adapter" / "config.json").read_text())
+    assert served["xattn_layers"] > 0 and paper["xattn_layers"] == 0  # beyond the paper, and the paper's
     assert json.loads((out / "databases" / "dim" / "manifest.json").read_text())["source"]["style"] == "dim"
     pipe = open_pipeline(out)  # the model's own databases, grey the default
     assert list(pipe.databases) == ["grey", "bright", "dim"]
@@ -33,7 +37,7 @@ def test_train_world_reproduces_a_servable_model_from_nothing(tmp_path):
 
     # --resume after a finished run skips the pretraining stages and leaves a servable model.
     walls = json.loads((work / "world.json").read_text())["stage_wall_s"]
-    assert {"student", "databases", "adapter", "no_retrieval"} <= set(walls)
+    assert {"student", "databases", "paper_adapter", "paper_no_retrieval", "adapter", "no_retrieval"} <= set(walls)
     assert main([*argv, "--resume"]) == 0
     assert open_pipeline(out)(["two blue squares"], [1], mode="adapter", k=2, database="dim").images.shape == (1, 32, 32, 3)
 
