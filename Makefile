@@ -24,7 +24,7 @@ serve: $(STAMP)
 	$(VENV)/bin/imageragturbo serve --host 127.0.0.1 --port 8000
 
 world: $(STAMP)
-	$(VENV)/bin/imageragturbo train world --out models/shapes-v1
+	$(VENV)/bin/imageragturbo train world --out models/shapes-v2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

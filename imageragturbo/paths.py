@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_MODEL = PACKAGE_DIR.parent / "models" / "shapes-v1"
+BUNDLED_MODEL = PACKAGE_DIR.parent / "models" / "shapes-v2"
 """The shapes-world model that ships with the repository (``make world`` reproduces it)."""
 TRAINING_CONFIGS = PACKAGE_DIR / "training" / "configs"
 """Every training stage's default config file."""

@@ -18,7 +18,7 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "imageragturbo.json"
 
 
 def _exported_sample_names() -> set[str]:
-    metrics = ServiceMetrics(model="m", engine="torch", index="none", queue_depth=lambda: 0)
+    metrics = ServiceMetrics(model="m", engine="torch", queue_depth=lambda: 0)
     metrics.observe_request(200, 0.01)
     metrics.batch_failures.inc()
     return {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
@@ -85,6 +85,27 @@ def test_dashboard_shows_what_the_issue_asks_and_queries_only_real_metrics(tmp_p
     assert f"SUCCESS: {len(exprs)} rules found" in done.stdout
 
 
+def test_dashboard_has_mode_and_database_variables_and_a_panel_per_stage_by_mode():
+    from imageragturbo.service.metrics import SERVER_STAGES
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"mode", "database"}
+    for name, variable in variables.items():
+        assert variable["query"]["query"] == f"label_values(irt_stage_duration_seconds_count, {name})"
+        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+    # Every latency query follows the variables.
+    for title, expr in _dashboard_exprs():
+        for selector in re.findall(r"irt_(?:stage|request)_duration_seconds_\w+(\{[^}]*\})?", expr):
+            assert 'mode=~"$mode"' in selector and 'database=~"$database"' in selector, (title, expr)
+    by_title = {panel["title"]: panel for panel in dashboard["panels"]}
+    for stage in SERVER_STAGES:
+        panel = by_title[f"Stage {stage} by mode (p50, p95)"]
+        exprs = [target["expr"] for target in panel["targets"]]
+        assert all(f'stage="{stage}"' in expr and "sum by (le, mode, database)" in expr for expr in exprs)
+        assert [expr.split(",")[0] for expr in exprs] == ["histogram_quantile(0.5", "histogram_quantile(0.95"]
+
+
 def test_dockerfile_is_a_non_root_cuda_image_with_gpu_runtimes_and_a_readiness_healthcheck():
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-", text, re.M)
@@ -93,13 +114,13 @@ def test_dockerfile_is_a_non_root_cuda_image_with_gpu_runtimes_and_a_readiness_h
     healthcheck = next(line for line in text.splitlines() if line.strip().startswith("CMD [\"python\""))
     assert "/readyz" in healthcheck
     assert re.search(r"^EXPOSE 8000$", text, re.M) and "STOPSIGNAL SIGTERM" in text
-    assert "--target baked" in text and "COPY --chown=irt:irt models/shapes-v1 /models/shapes-v1" in text
+    assert "--target baked" in text and "COPY --chown=irt:irt models/shapes-v2 /models/shapes-v2" in text
     # Pins match pyproject's, so the image serves what the tests test.
     pyproject = (DOCKER.parent / "pyproject.toml").read_text()
     for pin in re.findall(r"(torch==[\d.]+)", text):
         assert pin in pyproject
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
-    assert "!imageragturbo/**" in ignore and "!models/shapes-v1/**" in ignore
+    assert "!imageragturbo/**" in ignore and "!models/shapes-v2/**" in ignore
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(DOCKER).as_posix() for p in DOCKER.rglob("*.y*ml")))
