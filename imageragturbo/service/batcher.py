@@ -1,9 +1,15 @@
 """The micro-batcher: one worker thread owns the pipeline; HTTP handlers hand it jobs.
 
-Requests wait in one bounded queue. The worker takes the oldest job, every other waiting job
-that shares its :class:`BatchKey` (up to ``max_batch``), and runs them as one pipeline call.
-Items of a batch get the same image they would get alone (the pipeline seeds each item's noise
-from its own generator), so batching changes latency, never content.
+Requests wait in one bounded queue. A job is one request: ``n`` images of one prompt, which
+always run in one pipeline call. The worker takes the oldest job, every other waiting job that
+shares its :class:`BatchKey` (while the batch holds at most ``max_batch`` images; a job of more
+images runs alone), and runs them as one pipeline call. Items of a batch get the same image they
+would get alone (the pipeline seeds each item's noise from its own generator), so batching
+changes latency, never content.
+
+A job whose handler gave up before the worker took it (its client disconnected, or it timed
+out) leaves the queue; one whose deadline passed while it waited is dropped by the worker
+(:class:`JobExpiredError`). Neither is ever computed.
 
 How long the worker holds a batch open: it waits (at most ``batch_wait_ms``) only while the
 batch is smaller than the recent *demand*, the largest of the last few batches' size plus the
@@ -27,8 +33,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from imageragturbo.errors import ImageRagTurboError
+from imageragturbo.model.images import tensor_to_images
 from imageragturbo.model.pipeline import STAGES, Neighbor, RagTurboPipeline
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,10 @@ class BatchFailedError(ImageRagTurboError, RuntimeError):
     """The pipeline raised while running the batch this job was in."""
 
 
+class JobExpiredError(ImageRagTurboError):
+    """The job's deadline passed before the worker took it: it was dropped, never computed."""
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What every job of one batch must share (the pipeline takes these once per call)."""
@@ -64,28 +76,58 @@ class Job:
     seed: int
     inject_w: float
     key: BatchKey
+    seeds: list[int] | None = None
+    """One per image (``n = len(seeds)``); None: the one image of ``seed``."""
+    neighbor_images: bool = False
+    """Decode the neighbours' stored latents into pictures too."""
+    request_id: str | None = None
+    deadline_s: float | None = None
+    """``time.perf_counter()`` past which the worker drops the job instead of running it."""
     enqueued_s: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
+
+    def __post_init__(self) -> None:
+        if self.seeds is None:
+            self.seeds = [self.seed]
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
 
 
 @dataclass
 class JobResult:
     image: np.ndarray
-    """uint8 [H, W, 3]."""
+    """uint8 [H, W, 3]: the (first) image."""
     neighbors: list[Neighbor]
     timings_ms: dict[str, float]
     """``queue_wait`` (this job's) and the pipeline stages (its batch's, which it waited through)."""
+    images: list[np.ndarray] = field(default_factory=list)
+    """All ``n`` images (default: ``[image]``)."""
+    neighbors_per_image: list[list[Neighbor]] = field(default_factory=list)
+    """Each image's neighbours (default: ``[neighbors]``)."""
+    neighbor_pictures: list[list[np.ndarray | None]] | None = None
+    """With ``Job.neighbor_images``: uint8 [h, w, 3] per neighbour of each image (None where the
+    database stores no latent)."""
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            self.images = [self.image]
+        if not self.neighbors_per_image:
+            self.neighbors_per_image = [self.neighbors]
 
 
 @dataclass
 class BatchStats:
     size: int
+    """Images of the pipeline call."""
     mode: str
     ok: bool
     stage_ms: dict[str, float]
     """Pipeline stage wall times for the whole batch, ms (empty when the batch failed)."""
     queue_wait_ms: list[float]
-    """One per job of the batch."""
+    """One per job (request) of the batch."""
+    database: str | None = None
 
 
 RunBatch = Callable[[BatchKey, list[Job]], list[JobResult]]
@@ -119,6 +161,7 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._closing = False
         self._recent_demand: deque[int] = deque([1], maxlen=RECENT_BATCHES)
+        self._expired = 0
         self._thread = threading.Thread(target=self._work, name="irt-worker", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------
@@ -127,6 +170,11 @@ class MicroBatcher:
     def queue_depth(self) -> int:
         """Jobs waiting (not yet taken into a batch)."""
         return len(self._queue)
+
+    @property
+    def expired(self) -> int:
+        """Jobs dropped by the worker because their deadline passed while they waited."""
+        return self._expired
 
     @property
     def alive(self) -> bool:
@@ -201,14 +249,24 @@ class MicroBatcher:
                 job.future.set_exception(exc)
 
     def _take(self, key: BatchKey, room: int, batch: list[Job]) -> None:
-        """Move up to ``room`` queued jobs with ``key`` into ``batch``, oldest first (lock held)."""
+        """Move queued jobs with ``key`` into ``batch``, oldest first, while it holds at most
+        ``room`` images (the first job goes in whatever its n); drop every queued job whose
+        deadline has passed (lock held)."""
         kept: deque[Job] = deque()
+        images = _images(batch)
+        now = time.perf_counter()
         while self._queue:
             job = self._queue.popleft()
-            if len(batch) < room and job.key == key:
+            if job.deadline_s is not None and now > job.deadline_s:
+                if job.future.set_running_or_notify_cancel():
+                    self._expired += 1
+                    job.future.set_exception(JobExpiredError("its deadline passed while it waited in the queue"))
+                continue
+            if job.key == key and (not batch or images + job.n <= room):
                 # False when the handler already gave up on it (cancelled): drop it.
                 if job.future.set_running_or_notify_cancel():
                     batch.append(job)
+                    images += job.n
             else:
                 kept.append(job)
         self._queue = kept
@@ -225,7 +283,7 @@ class MicroBatcher:
                 self._take(key, self.max_batch, batch)
                 target = min(self.max_batch, max(self._recent_demand))
                 deadline = time.perf_counter() + self.batch_wait_s
-                while len(batch) < target and not self._closing:
+                while batch and _images(batch) < target and not self._closing:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
@@ -236,7 +294,7 @@ class MicroBatcher:
                 # Every job taken had been cancelled: look again.
 
     def _run(self, batch: list[Job]) -> None:
-        demand = len(batch)
+        demand = _images(batch)
         try:
             demand = self._run_batch(batch)
         finally:
@@ -249,7 +307,7 @@ class MicroBatcher:
         concurrent demand. (Counted afterwards, a lone client whose next request beat the
         worker's bookkeeping looked like two, and its requests waited batch_wait_ms for company.)"""
         with self._cond:
-            return len(batch) + len(self._queue)
+            return _images(batch) + _images(self._queue)
 
     def _run_batch(self, batch: list[Job]) -> int:
         """Run ``batch`` and resolve its futures; returns the demand it saw (see _demand)."""
@@ -262,18 +320,23 @@ class MicroBatcher:
         except Exception as exc:
             demand = self._demand(batch)
             # Only this batch's requests fail; the worker goes on with the next batch.
-            logger.exception("batch of %d failed (%s)", len(batch), batch[0].key)
+            logger.exception(
+                "batch of %d request(s) failed (%s)",
+                len(batch),
+                batch[0].key,
+                extra={"request_id": ",".join(job.request_id or "-" for job in batch)},
+            )
             error = BatchFailedError(f"generation failed: {type(exc).__name__}: {exc}")
             for job in batch:
                 job.future.set_exception(error)
-            self._report(BatchStats(len(batch), batch[0].key.mode, False, {}, queue_wait_ms))
+            self._report(BatchStats(_images(batch), batch[0].key.mode, False, {}, queue_wait_ms, batch[0].key.database))
             return demand
         demand = self._demand(batch)
         stage_ms = dict(results[0].timings_ms) if results else {}
         for job, result, wait_ms in zip(batch, results, queue_wait_ms):
             result.timings_ms = {"queue_wait": wait_ms, **result.timings_ms}
             job.future.set_result(result)
-        self._report(BatchStats(len(batch), batch[0].key.mode, True, stage_ms, queue_wait_ms))
+        self._report(BatchStats(_images(batch), batch[0].key.mode, True, stage_ms, queue_wait_ms, batch[0].key.database))
         return demand
 
     def _report(self, stats: BatchStats) -> None:
@@ -285,24 +348,83 @@ class MicroBatcher:
             logger.exception("recording batch stats failed")
 
 
+def _images(jobs) -> int:
+    """Images the jobs make (a job is n images of one prompt)."""
+    return sum(job.n for job in jobs)
+
+
+class NeighborPictures:
+    """Neighbours' pictures: their stored latents z0 decoded by the pipeline's VAE (its
+    ``vae_decode`` stage, so on the engine that serves it). Worker thread only."""
+
+    def __init__(self, pipe: RagTurboPipeline):
+        self.pipe = pipe
+        self._rows: dict[str, dict[str, int]] = {}
+
+    def _row_of(self, database: str) -> dict[str, int]:
+        """source id -> row of ``database`` (the pipeline names neighbours by source id)."""
+        if database not in self._rows:
+            store = self.pipe.databases[database].store
+            source_ids = store.source_ids(np.arange(len(store))[None, :])[0]
+            rows: dict[str, int] = {}
+            for row, source_id in enumerate(source_ids):
+                rows.setdefault(source_id, row)
+            self._rows[database] = rows
+        return self._rows[database]
+
+    def __call__(self, database: str, neighbors: list[list[Neighbor]]) -> list[list[np.ndarray | None]]:
+        row_of = self._row_of(database)
+        wanted = sorted({row_of[n.id] for row in neighbors for n in row if n.id in row_of})
+        pictures: dict[int, np.ndarray] = {}
+        if wanted:
+            try:
+                z0 = np.asarray(self.pipe.databases[database].store.latents(np.asarray([wanted])), dtype=np.float32)[0]
+            except (ValueError, KeyError, OSError) as exc:
+                logger.warning("database %r has no latents to draw its neighbours from: %s", database, exc)
+                z0 = None
+            if z0 is not None:
+                vae = self.pipe.components.vae
+                with torch.inference_mode():
+                    latents = torch.from_numpy(z0).to(self.pipe.device, next(vae.parameters()).dtype)
+                    pictures = dict(zip(wanted, tensor_to_images(self.pipe.vae_decode(latents))))
+        return [[pictures.get(row_of.get(n.id, -1)) for n in row] for row in neighbors]
+
+
 def pipeline_runner(pipe: RagTurboPipeline) -> RunBatch:
-    """The worker's only contact with the model: one pipeline call per batch. Engines plug in
-    behind the pipeline (its ``denoise`` / ``vae_decode`` stages), not here."""
+    """The worker's only contact with the model: one pipeline call per batch (a job's n images
+    are n items of it). Engines plug in behind the pipeline (its ``denoise`` / ``vae_decode``
+    stages), not here."""
+    neighbor_pictures = NeighborPictures(pipe)
 
     def run(key: BatchKey, jobs: list[Job]) -> list[JobResult]:
         result = pipe(
-            [job.prompt for job in jobs],
-            [job.seed for job in jobs],
+            [job.prompt for job in jobs for _ in job.seeds],
+            [seed for job in jobs for seed in job.seeds],
             mode=key.mode,
             steps=key.steps,
-            inject_w=[job.inject_w for job in jobs],
+            inject_w=[job.inject_w for job in jobs for _ in job.seeds],
             k=key.k,
             database=key.database,
         )
         stage_ms = {stage: float(result.timings_ms.get(stage, 0.0)) for stage in STAGES}
-        return [
-            JobResult(image=result.images[i], neighbors=result.neighbors[i], timings_ms=dict(stage_ms))
-            for i in range(len(jobs))
-        ]
+        results, start = [], 0
+        for job in jobs:
+            images = list(result.images[start : start + job.n])
+            neighbors = result.neighbors[start : start + job.n]
+            pictures = None
+            if job.neighbor_images and key.database is not None:
+                pictures = neighbor_pictures(key.database, neighbors)
+            results.append(
+                JobResult(
+                    image=images[0],
+                    neighbors=neighbors[0],
+                    timings_ms=dict(stage_ms),
+                    images=images,
+                    neighbors_per_image=neighbors,
+                    neighbor_pictures=pictures,
+                )
+            )
+            start += job.n
+        return results
 
     return run

@@ -1,27 +1,43 @@
-"""Wire formats of POST /generate. Unknown fields are refused, never ignored."""
+"""Wire formats of POST /generate and of the OpenAI-shaped POST /v1/images/generations and
+GET /v1/models. Unknown fields are refused, never ignored."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**63 - 1
 MAX_K = 16
+MAX_N = 10
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class GenerateRequest(BaseModel):
-    """One image. Numbers are strict JSON numbers: ``"3"`` and ``true`` are not integers here."""
+    """Images of one prompt. Numbers are strict JSON numbers: ``"3"`` and ``true`` are not
+    integers here."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt = Field(description=f"1 to {MAX_PROMPT_CHARS} characters after trimming whitespace")
     seed: StrictInt | None = Field(
-        None, ge=0, le=MAX_SEED, description="noise seed; a random one is drawn (and echoed) when absent"
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="noise seed of the first image (image i gets seed + i); random seeds are drawn (and echoed) "
+        "when absent",
     )
     steps: StrictInt = Field(1, ge=1, le=4, description="UNet passes (the paper's few-step schedule)")
     mode: Literal["adapter", "inject", "off"] | None = Field(
@@ -39,7 +55,15 @@ class GenerateRequest(BaseModel):
     )
     k: StrictInt = Field(4, ge=1, le=MAX_K, description="neighbours to retrieve (at most the database size)")
     database: str | None = Field(
-        None, max_length=128, description="a configured database name (default: the first configured one)"
+        None, max_length=128, description="a configured database name (default: the model's default database)"
+    )
+    n: StrictInt = Field(
+        1, ge=1, le=MAX_N, description=f"images of this prompt, 1 to {MAX_N}, made in one pipeline call"
+    )
+    neighbor_images: StrictBool = Field(
+        False,
+        description="also return each neighbour's picture (its stored latent decoded by the model's VAE) as "
+        "neighbors[].image, a base64 PNG",
     )
 
     @field_validator("inject_w")
@@ -51,22 +75,128 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"inject_w must be at least {float(np.finfo(np.float32).smallest_subnormal):.1e} (float32), got {w!r}")
         return w
 
+    @model_validator(mode="after")
+    def _seeds_fit(self):
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED} (image i gets seed + i)")
+        return self
+
+
+class ImagesGenerationRequest(GenerateRequest):
+    """OpenAI's images.generate body; ``seed``, ``steps``, ``mode``, ``inject_w``, ``k``,
+    ``database`` and ``neighbor_images`` are this server's extensions (send them with the
+    client's ``extra_body``)."""
+
+    model: str | None = Field(None, max_length=256, description="the served model's id (GET /v1/models); default: it")
+    size: str | None = Field(
+        None, max_length=32, description="WIDTHxHEIGHT; only the model's native size (GET /v1/models), or 'auto'"
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (the default); url needs image storage, which this server does not have"
+    )
+    user: str | None = Field(
+        None, max_length=256, description="an end-user id; the access log keeps only a hash of it"
+    )
+
 
 class NeighborOut(BaseModel):
     id: str
     caption: str
     score: float
+    image: str | None = Field(None, description="base64 PNG of the neighbour (only with neighbor_images)")
 
 
 class GenerateResponse(BaseModel):
-    """The JSON answer (``Accept: application/json``); otherwise the body is the PNG itself."""
+    """The JSON answer (``Accept: application/json``) for one image; otherwise the body is the
+    PNG itself."""
 
     image: str = Field(description="base64-encoded PNG")
     seed: int
     mode: str
     timings_ms: dict[str, float] = Field(description="queue_wait and the pipeline stages, milliseconds")
     neighbors: list[NeighborOut]
+    warnings: list[str] | None = Field(
+        None, description="present when the prompt has words outside the model's vocabulary (or was cut off)"
+    )
+
+
+class GeneratedImage(BaseModel):
+    image: str = Field(description="base64-encoded PNG")
+    seed: int
+    neighbors: list[NeighborOut]
+
+
+class GenerateListResponse(BaseModel):
+    """The answer for n > 1 (always JSON): one entry per image, seeds seed, seed + 1, ..."""
+
+    images: list[GeneratedImage]
+    mode: str
+    timings_ms: dict[str, float] = Field(description="queue_wait and the pipeline stages of the one batch, ms")
+    warnings: list[str] | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str = Field(description="base64-encoded PNG")
+    seed: int
+    neighbors: list[NeighborOut]
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time, seconds")
+    data: list[OpenAIImage]
+    model: str
+    size: str
+    output_format: str = "png"
+    mode: str
+    database: str | None
+    warnings: list[str]
+    timings_ms: dict[str, float]
+
+
+class DatabaseOut(BaseModel):
+    name: str
+    size: int = Field(description="rows")
+    searcher: str
+    default: bool
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    size: str = Field(description="the native image size, WIDTHxHEIGHT: the only one served")
+    max_n: int
+    engine: str
+    device: str
+    dtype: str
+    modes: list[str]
+    default_mode: str
+    databases: list[DatabaseOut]
+    default_database: str | None
+    tokenizer: str = Field(description="the tokenizer's model kind (WordLevel, BPE, ...)")
+    max_tokens: int = Field(description="tokens the text encoder reads; the rest of a prompt is cut off")
+    unk_token: str | None
+    vocabulary: list[str] | None = Field(description="the words a word-level tokenizer knows; null for subwords")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelOut]
 
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in one sentence")
+    request_id: str = Field(description="this request's X-Request-ID")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+    request_id: str

@@ -38,6 +38,12 @@ class ServiceSettings(BaseSettings):
             "process's setting alone (`imageragturbo serve` resolves it with default_worker_threads())"
         ),
     )
+    strict_vocab: bool = Field(
+        False,
+        description="refuse (422) a prompt with words outside the model's vocabulary instead of warning about them",
+    )
+    access_log: bool = Field(True, description="one structured (JSON) log line per request")
+    log_prompts: bool = Field(False, description="put the prompt in the access log line (off: prompts are not logged)")
 
     @field_validator("api_key", mode="before")
     @classmethod

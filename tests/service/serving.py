@@ -22,6 +22,15 @@ import httpx
 import numpy as np
 import torch
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bundled_model() -> Path | None:
+    """The model that ships with the repository (the newest models/shapes-v*), when it is there."""
+    found = sorted(REPO.glob("models/shapes-v*/model_index.json"), key=lambda p: p.parent.name, reverse=True)
+    return found[0].parent if found else None
+
+
 CAPTIONS = [
     "a red circle on the left",
     "two blue squares",
@@ -32,25 +41,72 @@ CAPTIONS = [
 ]
 
 
-def build_tiny_pipeline(model_dir: Path, *, adapter: bool = True, database: bool = True):
-    """A RagTurboPipeline over a tiny model dir, with a random (non-zero) adapter and an
-    in-memory database of six captions with random latents, as tests/model does."""
+def build_tiny_pipeline(
+    model_dir: Path, *, adapter: bool = True, database: bool = True, databases: tuple[str, ...] = ("shapes",), tokenizer=None
+):
+    """A RagTurboPipeline over a tiny model dir, with a random (non-zero) adapter and in-memory
+    databases (``databases``, the first the default) of six captions with random latents (kept,
+    so neighbours can be drawn), as tests/model does; ``tokenizer`` replaces the model's."""
     from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
     from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 
     parts = load_model(model_dir)
+    if tokenizer is not None:
+        parts.tokenizer = tokenizer
     if adapter:
         torch.manual_seed(0)
         parts.adapter = HSpaceAdapter(channels=parts.unet.config.block_out_channels[-1], num_heads=4).eval()
         torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
     pipe = RagTurboPipeline(parts)
-    if database:
-        gen = torch.Generator().manual_seed(0)
+    for i, name in enumerate(databases if database else ()):
+        gen = torch.Generator().manual_seed(i)
         z0 = torch.randn(len(CAPTIONS), *pipe.latent_shape, generator=gen)
         e, h = pipe.encode_database_rows(z0, CAPTIONS)
-        store = InMemoryFeatureStore(e.numpy(), h.numpy().astype(np.float16), CAPTIONS, pipe.components.model_id)
-        pipe.add_database(RetrievalDatabase("shapes", ExactSearcher(e.numpy()), store))
+        store = InMemoryFeatureStore(
+            e.numpy(),
+            h.numpy().astype(np.float16),
+            CAPTIONS,
+            pipe.components.model_id,
+            source_ids=[f"{name}-{j}" for j in range(len(CAPTIONS))] if i else None,
+            z0=z0.numpy().astype(np.float16),
+        )
+        pipe.add_database(RetrievalDatabase(name, ExactSearcher(e.numpy()), store))
     return pipe
+
+
+def word_level_tokenizer(words: list[str], max_length: int = 16):
+    """A word-level tokenizer like the bundled shapes model's: lower-cased, split on whitespace
+    and punctuation, every other word <|unk|>; ids below the tiny text encoder's vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=max_length,
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+    )
+
+
+def metric_value(url: str, name: str, **labels) -> float:
+    """A sample's value in the server's /metrics (0 when the series is absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from imageragturbo.service.batcher import (
     BatchFailedError,
     BatchKey,
     Job,
+    JobExpiredError,
     JobResult,
     MicroBatcher,
     QueueFullError,
@@ -187,3 +188,63 @@ def test_a_lone_clients_next_request_is_not_taken_for_company():
     waits_ms = [f.result(0).timings_ms["queue_wait"] for f in futures]
     assert max(waits_ms) < 1000, waits_ms
     assert [prompts for _, prompts in run.batches] == [["first"]] + [[f"next{i}"] for i in range(5)]
+
+
+class ImageRecorder(Recorder):
+    """Like Recorder, but answers each job with its n images, as pipeline_runner does."""
+
+    def __call__(self, key, jobs):
+        super().__call__(key, jobs)
+        return [
+            JobResult(
+                image=np.zeros((2, 2, 3), np.uint8),
+                neighbors=[],
+                timings_ms={},
+                images=[np.full((2, 2, 3), seed % 256, np.uint8) for seed in job.seeds],
+                neighbors_per_image=[[] for _ in job.seeds],
+            )
+            for job in jobs
+        ]
+
+
+def _many(prompt, n, key=OFF):
+    return Job(prompt=prompt, seed=10, inject_w=0.8, key=key, seeds=[10 + i for i in range(n)])
+
+
+def test_a_jobs_n_images_stay_in_one_batch_and_count_towards_max_batch():
+    run = ImageRecorder()
+    run.gate.clear()
+    stats = []
+    batcher = _batcher(run, max_batch=4, on_batch=stats.append)
+    batcher.submit(_job("hold"))
+    assert run.entered.wait(5)
+    futures = [batcher.submit(_many("three", 3)), batcher.submit(_many("two", 2)), batcher.submit(_job("one")),
+               batcher.submit(_many("six", 6))]
+    run.gate.set()
+    results = [future.result(5) for future in futures]
+    batcher.close()
+    # 3 + 1 fit in max_batch 4 (the 2 waits for the next batch); a job of 6 runs alone, whole.
+    assert [prompts for _, prompts in run.batches] == [["hold"], ["three", "one"], ["two"], ["six"]]
+    assert [s.size for s in stats] == [1, 4, 2, 6]
+    assert [len(s.queue_wait_ms) for s in stats] == [1, 2, 1, 1]
+    assert [int(image[0, 0, 0]) for image in results[0].images] == [10, 11, 12]
+    assert len(results[3].images) == 6 and futures[3].result().image is not None
+
+
+def test_a_job_past_its_deadline_is_dropped_by_the_worker_never_run():
+    run = Recorder()
+    run.gate.clear()
+    batcher = _batcher(run)
+    batcher.submit(_job("hold"))
+    assert run.entered.wait(5)
+    expired = Job(prompt="late", seed=0, inject_w=0.8, key=OFF, deadline_s=time.perf_counter() + 0.01)
+    future = batcher.submit(expired)
+    fresh = batcher.submit(Job(prompt="fresh", seed=0, inject_w=0.8, key=OFF, deadline_s=time.perf_counter() + 60))
+    time.sleep(0.05)
+    run.gate.set()
+    with pytest.raises(JobExpiredError, match="deadline passed"):
+        future.result(5)
+    assert fresh.result(5).image is not None
+    batcher.close()
+    assert [prompts for _, prompts in run.batches] == [["hold"], ["fresh"]]
+    assert batcher.expired == 1
