@@ -4,7 +4,7 @@
 - ``inject``: training-free slerp of the top-1 neighbour's H-feature;
 - ``off``: no retrieval.
 
-:data:`imageragturbo.model.denoiser.MODES` is the same tuple (a test holds them equal).
+`imageragturbo.model.denoiser` re-exports this tuple.
 """
 
 MODES: tuple[str, ...] = ("adapter", "inject", "off")

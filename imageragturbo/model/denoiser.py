@@ -14,9 +14,11 @@ from imageragturbo.model.adapter import HSpaceAdapter
 from imageragturbo.model.injection import slerp_inject
 from imageragturbo.model.retrieval_attention import attach
 from imageragturbo.model.unet_split import SplitUNet
+from imageragturbo.modes import MODES
+
+__all__ = ["MODES", "Mode", "RagDenoiser"]
 
 Mode = Literal["adapter", "inject", "off"]
-MODES: tuple[str, ...] = ("adapter", "inject", "off")
 
 
 class RagDenoiser(torch.nn.Module):

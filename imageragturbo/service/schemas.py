@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,7 +23,17 @@ MAX_SEED = 2**63 - 1
 MAX_K = 16
 MAX_N = 10
 
-Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+def _has_text(prompt: str) -> str:
+    # pydantic strips ASCII whitespace only; Python's str.strip (the pipeline's check) also
+    # strips separators such as U+001E, which would otherwise reach the model as an empty prompt.
+    if not prompt.strip():
+        raise ValueError("the prompt holds no visible character")
+    return prompt
+
+
+Prompt = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_has_text)
+]
 
 
 class GenerateRequest(BaseModel):

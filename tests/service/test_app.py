@@ -340,3 +340,8 @@ def test_threads_setting_reaches_the_worker_and_readyz(bare_pipe):
 def test_threads_unset_leaves_the_process_setting_alone(bare_pipe):
     with ServerThread(create_app(bare_pipe, ServiceSettings(), model_name="bare")) as running:
         assert httpx.get(f"{running.url}/readyz").json()["threads"] == torch.get_num_threads()
+
+
+def test_a_prompt_of_unicode_separators_only_is_a_422(server):
+    response = httpx.post(f"{server.url}/generate", json={"prompt": "\x1e\x1f", "seed": 1})
+    assert response.status_code == 422 and "no visible character" in response.text
