@@ -12,6 +12,9 @@ Per iteration:
    from that very noise, cached once) mixed with real pairs (encoded renders / database rows);
 2. (adapter) each prompt retrieves k neighbours from the *training* database, excluding the
    pair itself, so the adapter learns to use related content rather than copy its target;
+   with ``style_targets`` each target gets a style drawn apart from its noise and its
+   neighbours come from that style's rows (only retrieval knows the background); with
+   ``retrieval: false`` (the control) the gate is fixed to 0;
 3. the student predicts x0 in one pass at a timestep of its few-step schedule;
 4. D step: the frozen teacher encoder's multi-stage features of noisy real and fake latents
    (z_s = a_s z0 + s_s eps, s uniform over all N timesteps, DiffusionGAN-style) go through small

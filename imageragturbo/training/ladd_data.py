@@ -84,15 +84,16 @@ def real_database(config: LaddConfig, pipe: RagTurboPipeline) -> tuple[Retrieval
     # The train split never holds a purple triangle or a yellow square, and holds the tail at
     # 1/20 of its rate: what a generator may train on (docs/world.md). Every style renders the same
     # scenes, so text embeddings and search results are shared.
-    styles = STYLE_NAMES if config.style_targets else (DEFAULT_STYLE,)
+    # Without style targets the rows keep each item's drawn style (None).
+    styles = STYLE_NAMES if config.style_targets else (None,)
     rows = {}
     for style in styles:
-        images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2, style=style if config.style_targets else None)
+        images, captions, _ = world_arrays("train", int(count), seed=config.seed + 2, style=style)
         if config.exclude_phrases:
             keep = _kept(config, captions)
             images, captions = images[keep], [captions[i] for i in keep]
         rows[style] = _encode_rows(pipe, images, captions)
-    z0, e_all, h = rows[DEFAULT_STYLE]
+    z0, e_all, h = rows[DEFAULT_STYLE if config.style_targets else None]
     store = InMemoryFeatureStore(e_all, h, captions, pipe.components.model_id, z0=z0)
     database = RetrievalDatabase("train", ExactSearcher(e_all), store)
     if not config.style_targets:
