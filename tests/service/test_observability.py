@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import httpx
 import pytest
@@ -29,9 +30,16 @@ class Lines:
     def __exit__(self, *exc):
         logging.getLogger(SERVICE_LOGGER).removeHandler(self.handler)
 
-    def records(self, **match) -> list[dict]:
-        lines = [json.loads(line) for line in self.stream.getvalue().splitlines()]
-        return [line for line in lines if all(line.get(k) == v for k, v in match.items())]
+    def records(self, *, at_least: int = 0, **match) -> list[dict]:
+        """The lines with ``match``; waits (up to 10 s) for ``at_least`` of them: the server
+        writes a request's access line just after its answer went out."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [json.loads(line) for line in self.stream.getvalue().splitlines()]
+            found = [line for line in lines if all(line.get(k) == v for k, v in match.items())]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +99,8 @@ def test_one_structured_access_line_per_request_without_the_prompt(server):
         v1 = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a red circle", "user": "alice@example.com",
                                                                     "mode": "off"}, headers=AUTH, timeout=60)
         httpx.get(f"{server.url}/metrics")
+        access = lines.records(at_least=4, logger=ACCESS_LOGGER)
     assert ok.status_code == 200 and bad.status_code == 422 and v1.status_code == 200
-    access = lines.records(logger=ACCESS_LOGGER)
     assert [(a["method"], a["path"], a["status"]) for a in access] == [
         ("POST", "/generate", 200), ("POST", "/v1/images/generations", 422),
         ("POST", "/v1/images/generations", 200), ("GET", "/metrics", 200),
@@ -111,22 +119,24 @@ def test_prompts_are_logged_only_with_irt_log_prompts(tiny_pipe, monkeypatch):
     monkeypatch.setenv("IRT_LOG_PROMPTS", "1")
     with ServerThread(create_app(tiny_pipe, ServiceSettings(), model_name="tiny")) as running, Lines() as lines:
         httpx.post(f"{running.url}/generate", json={"prompt": "two blue squares"}, timeout=60)
-    (line,) = lines.records(logger=ACCESS_LOGGER, path="/generate")
+        (line,) = lines.records(at_least=1, logger=ACCESS_LOGGER, path="/generate")
     assert line["prompt"] == "two blue squares"
 
 
 def test_access_log_can_be_turned_off(tiny_pipe):
-    with ServerThread(create_app(tiny_pipe, ServiceSettings(access_log=False), model_name="tiny")) as running, Lines() as lines:
-        httpx.post(f"{running.url}/generate", json={"prompt": "two blue squares"}, timeout=60)
-    assert lines.records(logger=ACCESS_LOGGER) == []
+    with Lines() as lines:
+        with ServerThread(create_app(tiny_pipe, ServiceSettings(access_log=False), model_name="tiny")) as running:
+            httpx.post(f"{running.url}/generate", json={"prompt": "two blue squares"}, timeout=60)
+        # The server has stopped: every line it would write is written.
+        assert lines.records(logger=ACCESS_LOGGER) == []
 
 
 def test_worker_log_lines_name_the_request(server):
     with Lines() as lines:
         failed = httpx.post(f"{server.url}/generate", json={"prompt": "explode", "mode": "off"},
                             headers={**AUTH, "X-Request-ID": "boom-1"}, timeout=60)
+        records = lines.records(at_least=2, request_id="boom-1")
     assert failed.status_code == 500
-    records = lines.records(request_id="boom-1")
     assert {r["logger"] for r in records} == {"imageragturbo.service.batcher", ACCESS_LOGGER}
     failure = next(r for r in records if r["logger"] == "imageragturbo.service.batcher")
     assert failure["level"] == "ERROR" and "simulated" in failure["exception"]
