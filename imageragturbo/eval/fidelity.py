@@ -55,6 +55,7 @@ class FidelityResult:
     captions: list[str]
     wall_s: float
     extra: dict = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)  # the verifier's score of each image, in prompt order
 
     def as_dict(self) -> dict:
         return {
@@ -146,7 +147,8 @@ def evaluate_fidelity(
     else:
         images = run(row.mode, row.inject_w if row.inject_w is not None else 0.8)
         results = [verify(img, cap) for img, cap in zip(images, captions)]
-    return FidelityResult(row, split, aggregate(results), images, captions, time.perf_counter() - start, extra)
+    return FidelityResult(row, split, aggregate(results), images, captions, time.perf_counter() - start, extra,
+                          scores=[r.score for r in results])
 
 
 def save_grid(images: np.ndarray, captions: list[str], path: Path, title: str, columns: int = 8, scale: int = 4) -> None:

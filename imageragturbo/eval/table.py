@@ -151,7 +151,7 @@ def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4, include_teacher: 
                 t = time.perf_counter()
                 result = evaluate_fidelity(pipes[weights], row, prompts, split, teacher_unet=teacher, k=k, database=database)
                 logger.info("%s, %s, set %d: %.3f (%.1f s)", row.name, split, j, result.benchmark.mean_score, time.perf_counter() - t)
-                named[row.name] = [verify(im, c).score for im, c in zip(result.images, result.captions)]
+                named[row.name] = result.scores
             for name, per_prompt in named.items():
                 cells = scores.setdefault(name, {})
                 cells.setdefault(split, []).append(float(np.mean(per_prompt)))
