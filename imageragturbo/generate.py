@@ -61,7 +61,7 @@ def generate_png(
     from imageragturbo.engines.pipeline_engines import use_engine
     from imageragturbo.model.pipeline import open_pipeline
 
-    pipe = open_pipeline(model_dir, indexes=databases, adapter_dir=adapter_dir, lora_dir=lora_dir, verify_index=verify)
+    pipe = open_pipeline(model_dir, databases=databases, adapter_dir=adapter_dir, lora_dir=lora_dir, verify=verify)
     use_engine(pipe, engine, engine_dir)
     mode = auto_mode(pipe) if mode == "auto" else mode
     check_request(pipe, [prompt], [seed], mode, steps, inject_w, k, database)
@@ -69,5 +69,5 @@ def generate_png(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.images[0]).save(out, format="PNG")
-    used = None if mode == "off" else (database or next(iter(pipe.databases)))
+    used = None if mode == "off" else pipe.databases.resolve(database).name
     return Generated(out, mode, used, result)

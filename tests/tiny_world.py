@@ -5,7 +5,7 @@ adapter, no-retrieval control)."""
 import json
 from pathlib import Path
 
-from imageragturbo.training.ladd import CONFIG_DIR
+from imageragturbo.paths import TRAINING_CONFIGS
 
 TINY = {
     "vae.json": dict(steps=2, batch_size=4, warmup_steps=1, block_out_channels=[8, 8, 8], norm_num_groups=4,
@@ -35,7 +35,7 @@ def tiny_configs(folder: Path) -> Path:
     """Every stage's config at toy scale, written into ``folder``."""
     folder.mkdir()
     for name, overrides in TINY.items():
-        config = json.loads((CONFIG_DIR / name).read_text())
+        config = json.loads((TRAINING_CONFIGS / name).read_text())
         config.update(overrides)
         (folder / name).write_text(json.dumps(config))
     return folder

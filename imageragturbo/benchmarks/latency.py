@@ -305,7 +305,7 @@ def run(options: LatencyBenchOptions) -> LatencyResult:
     check_options(options)
     torch.set_num_threads(options.threads)
     model_dir = options.model_dir
-    torch_pipe = open_pipeline(model_dir, indexes=[options.database] if options.database else None, device=options.device)
+    torch_pipe = open_pipeline(model_dir, databases=[options.database] if options.database else None, device=options.device)
     components = torch_pipe.components
     if "adapter" in options.modes and components.adapter is None:
         raise BenchError(f"mode 'adapter' needs a model with an adapter/ folder; {model_dir} has none")
@@ -360,15 +360,15 @@ def _engine_options(options: LatencyBenchOptions) -> dict[str, dict]:
 def _database(pipe, db_size: int, work: Path):
     """(the database, how the report describes it): the pipeline's first database, or, when
     the model has none, a temporary one of ``db_size`` world pairs built here."""
-    from imageragturbo.index.build import build_index
-    from imageragturbo.index.disk import load_database
-    from imageragturbo.index.pairs import WorldPairs
+    from imageragturbo.retrieval.build import build_database
+    from imageragturbo.retrieval.disk import load_database
+    from imageragturbo.retrieval.pairs import WorldPairs
 
     if pipe.databases:
-        database = next(iter(pipe.databases.values()))
+        database = pipe.databases.resolve()
         return database, str(database.store.path)
     path = work / "index"
-    build_index(pipe, WorldPairs(db_size), path, progress=False)
+    build_database(pipe, WorldPairs(db_size), path, progress=False)
     return load_database("world", path), f"a temporary index of {db_size} shapes-world database pairs"
 
 

@@ -37,19 +37,22 @@ def register(sub) -> None:
     p.set_defaults(handler=build)
 
     p = sub.add_parser("check-database", aliases=["check-index"],
-                       help="verify a database folder's checksums and print its manifest summary")
+                       help="run every check serve runs on a database folder (manifest, checksums, values, searcher, "
+                       "and with --model the model it was built with) and print its summary")
     p.add_argument("path", type=Path)
+    p.add_argument("--model", type=Path, default=None,
+                   help="also check that the database was built with this model directory")
     p.set_defaults(handler=check)
 
 
 def build(args) -> int:
-    from imageragturbo.index.build import build_index
-    from imageragturbo.index.pairs import WorldPairs, open_pairs
+    from imageragturbo.retrieval.build import build_database
+    from imageragturbo.retrieval.pairs import WorldPairs, open_pairs
     from imageragturbo.model import RagTurboPipeline
 
     source = WorldPairs(args.world, args.world_seed, style=args.style) if args.world is not None else open_pairs(args.pairs)
     pipe = RagTurboPipeline.from_pretrained(options.model_dir(args))
-    result = build_index(pipe, source, args.out, searcher=args.searcher, batch_size=args.batch_size,
+    result = build_database(pipe, source, args.out, searcher=args.searcher, batch_size=args.batch_size,
                          chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)
     print(
@@ -62,21 +65,9 @@ def build(args) -> int:
 
 
 def check(args) -> int:
-    from imageragturbo.index.disk import MemmapFeatureStore
+    from imageragturbo.model.loading import model_identity
+    from imageragturbo.retrieval.disk import check_database
 
-    from imageragturbo.index.disk import verify_values
-
-    store = MemmapFeatureStore(args.path)
-    store.verify()
-    verify_values(args.path, store)
-    m = store.manifest
-    summary = {
-        "path": str(args.path),
-        "ok": True,
-        "count": m["count"],
-        "model_id": m["model_id"],
-        "searcher": m["searcher"],
-        "arrays": {name: [spec["dtype"], spec["shape"]] for name, spec in m["arrays"].items()},
-    }
-    print(json.dumps(summary, indent=2))
+    model_id = model_identity(args.model) if args.model is not None else None
+    print(json.dumps(check_database(args.path, model_id=model_id), indent=2))
     return 0

@@ -81,7 +81,7 @@ def add_adapter_and_lora(parser: argparse.ArgumentParser, lora_help: str = "UNet
 
 
 def searcher_kinds() -> tuple[str, ...]:
-    from imageragturbo.index.searchers import SEARCHER_KINDS
+    from imageragturbo.retrieval.searchers import SEARCHER_KINDS
 
     return SEARCHER_KINDS
 
@@ -115,10 +115,10 @@ class _Index(_Database):
 
 
 def _add_database(action: _Database, namespace: argparse.Namespace, value: str) -> None:
-    from imageragturbo.index.disk import parse_index_spec
+    from imageragturbo.retrieval.disk import parse_database_spec
 
     try:
-        parse_index_spec(value)
+        parse_database_spec(value)
     except ValueError as exc:  # it only parses the text
         raise argparse.ArgumentError(action, str(exc)) from exc
     if action.many:

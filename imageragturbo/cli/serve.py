@@ -29,6 +29,11 @@ def register(sub) -> None:
         help="IRT_THREADS: intra-op threads of the worker's engine, torch and onnxruntime (default: usable "
         "CPUs - 1, at least 1, so one core stays free for the HTTP event loop)",
     )
+    p.add_argument(
+        "--no-verify-databases", dest="verify_databases", action="store_const", const=False, default=None,
+        help="IRT_VERIFY_DATABASES=0: skip the checksum and value checks of every database at start (only for "
+        "stores verified elsewhere, e.g. by check-database when the image was built)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -40,5 +45,6 @@ def run(args) -> int:
         adapter_dir=args.adapter, lora_dir=args.lora, host=args.host, port=args.port,
         log_level="info" if args.verbose else "warning", max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes, threads=args.threads,
+        verify_databases=args.verify_databases,
     )
     return 0

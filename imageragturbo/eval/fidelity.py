@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imageragturbo.errors import ConfigError
 from imageragturbo.model.images import tensor_to_images
 from imageragturbo.model.noise import initial_noise
 from imageragturbo.model.pipeline import RagTurboPipeline, decode_latents
@@ -79,7 +80,7 @@ def load_prompts(prompts: str, n: int) -> list[tuple[str, int]]:
         return eval_prompts(prompts, n)
     path = Path(prompts)
     if not path.is_file():
-        raise ValueError(f"prompts must be one of {SPLITS} or a file, got {prompts!r} (no such file)")
+        raise ConfigError(f"prompts must be one of {SPLITS} or a file, got {prompts!r} (no such file)")
     out = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -88,7 +89,7 @@ def load_prompts(prompts: str, n: int) -> list[tuple[str, int]]:
         try:
             out.append((caption.strip(), int(seed) if seed.strip() else lineno))
         except ValueError as exc:
-            raise ValueError(f"{path}:{lineno}: seed {seed!r} is not an integer") from exc
+            raise ConfigError(f"{path}:{lineno}: seed {seed!r} is not an integer") from exc
     return out[:n]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imageragturbo.errors import ConfigError
 from imageragturbo.model.images import tensor_to_images
 from imageragturbo.model.noise import initial_noise
 from imageragturbo.model.pipeline import RagTurboPipeline
@@ -73,13 +74,13 @@ def probe_latents(
     captions = [c for c, _ in prompts]
     seeds = [s for _, s in prompts]
     if not pipe.databases:
-        raise ValueError("probing needs a retrieval database (an index with latents)")
-    db = pipe.databases[database or next(iter(pipe.databases))]
+        raise ConfigError("probing needs a retrieval database (one with latents)")
+    db = pipe.databases.resolve(database)
     encoded = pipe.encoder(captions)
     ctx, device, dtype = encoded.ctx, pipe.device, encoded.ctx.dtype
-    ids, _ = db.searcher.search(encoded.q.cpu().numpy(), 1, texts=captions)
-    z0_nb = torch.from_numpy(np.asarray(db.store.latents(ids), dtype=np.float32)[:, 0]).to(device, dtype)
-    h_nb = torch.from_numpy(np.asarray(db.store.h_features(ids), dtype=np.float32)[:, 0]).to(device, dtype)
+    found = db.retrieve(encoded.q.cpu().numpy(), 1, texts=captions)
+    z0_nb = torch.from_numpy(np.asarray(db.store.latents(found.ids), dtype=np.float32)[:, 0]).to(device, dtype)
+    h_nb = torch.from_numpy(found.h[:, 0]).to(device, dtype)
     z_T = initial_noise(seeds, pipe.latent_shape)
     z_T = z_T.to(device, dtype)
     t_max = pipe.num_train_timesteps - 1
@@ -95,7 +96,7 @@ def probe_latents(
         return pipe.schedule.predict_x0(pipe.split.decode(h, enc_T.skips, enc_T.temb, ctx), z_T, t_max)
 
     latents = {"off": x0_with(enc_T.h), "neighbour image": z0_nb, "neighbour H": x0_with(h_nb)}
-    ctx_nb = pipe.encoder([row[0] for row in db.store.captions(ids)]).ctx
+    ctx_nb = pipe.encoder([row[0] for row in found.captions()]).ctx
     eps_nb = torch.randn(z0_nb.shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     for t in h_timesteps:
         t_nb = torch.full((len(captions),), t, dtype=torch.int64, device=device)

@@ -16,7 +16,7 @@ def open_model(model_dir: Path, databases: Sequence[str] | None, *, base_only: b
     from imageragturbo.model.loading import load_teacher_unet
     from imageragturbo.model.pipeline import open_pipeline
 
-    pipe = open_pipeline(model_dir, indexes=databases, base_only=base_only)
+    pipe = open_pipeline(model_dir, databases=databases, base_only=base_only)
     return pipe, load_teacher_unet(model_dir) if teacher else None
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, save_grid
-from imageragturbo.index.store import RetrievalDatabase
+from imageragturbo.retrieval.database import RetrievalDatabase
 from imageragturbo.world.spec import HELD_OUT, parse_caption
 from imageragturbo.world.style import read_style
 from imageragturbo.world.verifier import verify
@@ -127,11 +127,11 @@ def open_table_pipelines(model_dir: Path, databases: list[str] | None = None, ad
     if not control.is_dir():
         raise FileNotFoundError(f"{control}: no no-retrieval control in this model (train it: imageragturbo train world --resume)")
     pipes = {
-        "student": open_pipeline(model_dir, indexes=databases, base_only=True),
-        "adapter": open_pipeline(model_dir, indexes=databases, adapter_dir=adapter_dir, lora_dir=lora_dir),
-        "control": open_pipeline(model_dir, indexes=databases, adapter_dir=control / "adapter", lora_dir=control / "unet_lora"),
+        "student": open_pipeline(model_dir, databases=databases, base_only=True),
+        "adapter": open_pipeline(model_dir, databases=databases, adapter_dir=adapter_dir, lora_dir=lora_dir),
+        "control": open_pipeline(model_dir, databases=databases, adapter_dir=control / "adapter", lora_dir=control / "unet_lora"),
     }
-    default = next(iter(pipes["student"].databases.values()))
+    default = pipes["student"].databases.resolve()
     pipes["student"].add_database(RetrievalDatabase(RANDOM_DATABASE, RandomRowSearcher(len(default.store)), default.store))
     return {"pipes": pipes, "teacher": load_teacher_unet(model_dir)}
 

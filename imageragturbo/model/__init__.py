@@ -1,6 +1,6 @@
 """Model loading, the split UNet, the H-space adapter, injection and the one-step pipeline."""
 
-from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
+from imageragturbo.model.adapter import HSpaceAdapter
 from imageragturbo.model.injection import slerp_inject
 from imageragturbo.model.loading import ModelComponents, ModelLoadError, load_model
 from imageragturbo.model.pipeline import (
@@ -20,6 +20,5 @@ __all__ = [
     "UNetEncoding",
     "few_step_timesteps",
     "load_model",
-    "retrieval_gate",
     "slerp_inject",
 ]

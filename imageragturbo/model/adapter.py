@@ -17,13 +17,12 @@ Choices the paper leaves open, made here:
   returns ``h_tgt`` unchanged.
 - lambda (eq. 5) is one scalar per request: the mean over the k neighbours of the cosine
   similarity between the target query and each retrieved text embedding
-  (:func:`retrieval_gate`). A neighbour list that is mostly unrelated then contributes little.
+  (:func:`imageragturbo.retrieval.gate`). A neighbour list that is mostly unrelated then contributes little.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
@@ -31,17 +30,6 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 
 from imageragturbo.model.retrieval_attention import RetrievalCrossAttention
-
-
-def retrieval_gate(q: torch.Tensor, e_retr: torch.Tensor) -> torch.Tensor:
-    """lambda, float32 [B]: mean over k of cos(q, e_retr[:, j]).
-
-    q float [B, Dq] and e_retr float [B, k, Dq], both L2-normalised (re-normalised here so a
-    store in fp16 cannot push the cosine outside [-1, 1]).
-    """
-    q = F.normalize(q.float(), dim=-1)
-    e = F.normalize(e_retr.float(), dim=-1)
-    return torch.einsum("bd,bkd->bk", q, e).mean(dim=1)
 
 
 def _tokens(h: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,17 @@ def _part_class(part: str, part_dir: Path, index: dict, allowed: dict[str, type]
     return allowed[name]
 
 
+def model_identity(model_dir: Path) -> str:
+    """The id a model's databases are built with: a fingerprint of the text encoder's, the
+    UNet's and the VAE's configs and weights (read without loading them)."""
+    model_dir = Path(model_dir)
+    return fingerprint([
+        path
+        for part in ("text_encoder", "unet", "vae")
+        for path in (model_dir / part / "config.json", _weights_file(model_dir / part))
+    ])
+
+
 def fingerprint(paths: list[Path]) -> str:
     """A cheap identity for weights + configs: sha256 over config bytes, file sizes and the first
     and last MiB of each weights file (hashing 3 GB of SD weights at every start would cost
@@ -227,12 +238,7 @@ def load_model(
     vae = load("vae", vae_cls, variant=_variant(model_dir / "vae"), **weights)
     scheduler = load("scheduler", scheduler_cls)
 
-    identity_files = [
-        path
-        for part in ("text_encoder", "unet", "vae")
-        for path in (model_dir / part / "config.json", _weights_file(model_dir / part))
-    ]
-    model_id = fingerprint(identity_files)
+    model_id = model_identity(model_dir)
 
     lora_path = Path(lora_dir) if lora_dir is not None else model_dir / LORA_DIRNAME
     if not base_only and (lora_dir is not None or lora_path.is_dir()):

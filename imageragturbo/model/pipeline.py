@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.index.store import RetrievalDatabase
-from imageragturbo.model.adapter import retrieval_gate
+from imageragturbo.errors import ConfigError, RequestError
 from imageragturbo.model.denoiser import MODES, RagDenoiser
 from imageragturbo.model.images import images_to_tensor, tensor_to_images
 from imageragturbo.model.loading import ModelComponents, load_model
@@ -27,11 +26,14 @@ from imageragturbo.model.noise import draw, latent_shape, seed_generators
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
+from imageragturbo.retrieval.database import Databases, RetrievalDatabase
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("text_encode", "retrieve", "denoise", "vae_decode", "postprocess")
 MAX_STEPS = 4
+INJECT_K = 1
+"""Injection (paper Table 3's baseline) blends in the single nearest neighbour, whatever k says."""
 
 
 @dataclass
@@ -61,7 +63,7 @@ def few_step_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     """The paper's schedule T_n = {1.0, 0.75, 0.5, 0.25}*T for n = 4 (trailing spacing):
     1 step -> [999]; 2 -> [999, 499]; 4 -> [999, 749, 499, 249] for T = 1000."""
     if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+        raise RequestError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
     return [round(num_train_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
 
 
@@ -109,7 +111,7 @@ class RagTurboPipeline:
         self.schedule = NoiseSchedule.from_scheduler(components.scheduler)
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.latent_shape = latent_shape(components.unet)
-        self.databases: dict[str, RetrievalDatabase] = {}
+        self.databases = Databases()
         for database in databases:
             self.add_database(database)
         if engines is not None:
@@ -127,6 +129,14 @@ class RagTurboPipeline:
         return cls(load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir), databases)
 
     @property
+    def model_id(self) -> str:
+        return self.components.model_id
+
+    @property
+    def model_dir(self) -> Path:
+        return self.components.model_dir
+
+    @property
     def device(self) -> torch.device:
         return next(self.components.unet.parameters()).device
 
@@ -141,51 +151,48 @@ class RagTurboPipeline:
             return
         missing = sorted(set(self.denoisers) - set(engines.modes))
         if missing:
-            raise ValueError(f"the {engines.kind} engines have no denoise graph for mode(s) {missing}; re-export the model")
+            raise ConfigError(f"the {engines.kind} engines have no denoise graph for mode(s) {missing}; re-export the model")
         self.engines = engines
         self.encoder = engines.prompt_encoder(self._torch_encoder)
 
     def add_database(self, database: RetrievalDatabase) -> None:
-        """Register a database; refuses one whose features were computed by another model."""
+        """Register a database (the first is the default); refuses one whose features were
+        computed by another model."""
         if database.store.model_id != self.components.model_id:
-            raise ValueError(
+            raise RequestError(
                 f"database {database.name!r} was built with model {database.store.model_id}, "
                 f"but the loaded model is {self.components.model_id}; rebuild it with this model"
             )
-        if database.name in self.databases:
-            raise ValueError(f"database name {database.name!r} is given twice")
-        self.databases[database.name] = database
+        self.databases.add(database)
 
     # -- the request path ------------------------------------------------------------------
 
     def check_inputs(self, prompts, seeds, mode, steps, inject_w, k, database) -> None:
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+            raise RequestError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
+                raise RequestError(f"every prompt must be a non-empty string, got {prompt!r}")
         if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            raise RequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         for seed in seeds:
             if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+                raise RequestError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise RequestError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in self.denoisers:
-            raise ValueError(f"mode {mode!r} needs a trained H-space adapter; this model has no adapter/")
+            raise RequestError(f"mode {mode!r} needs a trained H-space adapter; this model has no adapter/")
         few_step_timesteps(steps, self.num_train_timesteps)
         # float32: the dtype the blend runs in (1e-300 is > 0 in float64 but 0 in float32).
         weights = np.atleast_1d(np.asarray(inject_w, dtype=np.float32))
         if weights.shape[0] not in (1, len(prompts)) or bool(((weights <= 0) | (weights > 1)).any()):
-            raise ValueError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
+            raise RequestError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
         if mode != "off":
             if not self.databases:
-                raise ValueError(f"mode {mode!r} retrieves, but no database is loaded (give an index)")
-            if database is not None and database not in self.databases:
-                raise ValueError(f"unknown database {database!r}; configured: {sorted(self.databases)}")
-            n = len(self.databases[database or next(iter(self.databases))].store)
+                raise RequestError(f"mode {mode!r} retrieves, but no database is loaded (give one with --database NAME=DIR)")
+            n = len(self.databases.resolve(database).store)
             if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-                raise ValueError(f"k must be an integer in [1, {n}], got {k!r}")
+                raise RequestError(f"k must be an integer in [1, {n}], got {k!r}")
 
     @torch.inference_mode()
     def __call__(
@@ -216,21 +223,14 @@ class RagTurboPipeline:
         neighbors: list[list[Neighbor]] = [[] for _ in prompts]
         if mode != "off":
             with clock.stage("retrieve"):
-                db = self.databases[database or next(iter(self.databases))]
-                k_search = 1 if mode == "inject" else k
-                ids, scores = db.searcher.search(encoded.q.cpu().numpy(), k_search, texts=prompts)
-                if getattr(db.searcher, "exact_cosine_scores", False):
-                    # q and the keys are unit vectors, so the scores already are the cosines
-                    # that retrieval_gate averages: no gather of e_retr, no torch ops.
-                    lam = torch.from_numpy(scores.sum(axis=1, dtype=np.float32) / np.float32(scores.shape[1]))
-                else:
-                    e_retr = torch.from_numpy(np.asarray(db.store.text_embeddings(ids), dtype=np.float32))
-                    lam = retrieval_gate(encoded.q.cpu(), e_retr)
-                # float16 -> float32 in numpy: one pass over k rows, cheaper than a torch cast.
-                h_retr = torch.from_numpy(np.asarray(db.store.h_features(ids), dtype=np.float32)).to(device, ctx.dtype)
+                found = self.databases.resolve(database).retrieve(
+                    encoded.q.cpu().numpy(), INJECT_K if mode == "inject" else k, texts=prompts
+                )
+                lam = torch.from_numpy(found.gate)
+                h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
                 neighbors = [
                     [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
-                    for srow, crow, xrow in zip(db.store.source_ids(ids), db.store.captions(ids), scores)
+                    for srow, crow, xrow in zip(found.source_ids(), found.captions(), found.scores)
                 ]
 
         # 4. noise from the seeds: one generator per item, so batching never changes an image
@@ -286,7 +286,7 @@ class RagTurboPipeline:
             return self.engines.vae_decode(z0)
         return decode_latents(self.components.vae, z0)
 
-    # -- database building helpers (used by the index builder) ------------------------------
+    # -- encoding database rows (used by retrieval.build) -------------------------------------
 
     @torch.inference_mode()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
@@ -316,34 +316,33 @@ class RagTurboPipeline:
 def open_pipeline(
     model_dir: str | Path,
     *,
-    indexes: Sequence[str] | None = None,
+    databases: Sequence[str] | None = None,
     adapter_dir: str | Path | None = None,
     lora_dir: str | Path | None = None,
-    verify_index: bool = False,
+    verify: bool = False,
     base_only: bool = False,
     device: str | torch.device = "cpu",
 ) -> RagTurboPipeline:
     """A model directory and its retrieval databases, as the CLI and the server open them.
 
-    ``indexes`` are ``NAME=DIR`` (or ``DIR``) specs, the first being the default database;
-    None means the model directory's own databases (``index.disk.model_databases``). Raises ``ModelLoadError`` or
-    ``IndexLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves out
-    the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the torch
-    modules run.
+    ``databases`` are ``NAME=DIR`` (or ``DIR``) specs, the first being the default; None means
+    the model directory's own (``retrieval.disk.model_databases``). ``verify`` recomputes every
+    database file's checksum and checks every feature value. Raises ``ModelLoadError`` or
+    ``DatabaseLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves
+    out the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the
+    torch modules run.
     """
-    from imageragturbo.index.disk import IndexLoadError, load_database, model_databases, parse_index_spec
+    from imageragturbo.retrieval.disk import DatabaseLoadError, load_database, model_databases, parse_database_spec
 
     model_dir = Path(model_dir)
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)
     pipe = RagTurboPipeline(parts)
-    if indexes is None:
-        indexes = model_databases(model_dir)
-    for spec in indexes:
-        name, path = parse_index_spec(spec)
+    for spec in model_databases(model_dir) if databases is None else databases:
+        name, path = parse_database_spec(spec)
         try:
-            database = load_database(name, path, verify=verify_index, model_id=pipe.components.model_id)
-        except (IndexLoadError, OSError) as exc:
-            # Name the database too: with several --index flags the folder alone is ambiguous.
-            raise IndexLoadError(f"cannot load index {name!r} from {path}: {exc}") from exc
+            database = load_database(name, path, verify=verify, model_id=pipe.components.model_id)
+        except (DatabaseLoadError, OSError) as exc:
+            # Name the database too: with several --database flags the folder alone is ambiguous.
+            raise DatabaseLoadError(f"cannot load database {name!r} from {path}: {exc}") from exc
         pipe.add_database(database)
     return pipe

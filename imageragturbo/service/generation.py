@@ -22,7 +22,7 @@ import torch
 from fastapi import HTTPException
 from PIL import Image
 
-from imageragturbo.model.pipeline import RagTurboPipeline
+from imageragturbo.model.pipeline import INJECT_K, RagTurboPipeline
 from imageragturbo.model.text import PromptCheck, PromptChecker
 from imageragturbo.service.batcher import (
     BatchFailedError,
@@ -137,7 +137,7 @@ class GenerationService:
         self.model_name = model_name
         self.created = int(time.time())
         self.database_names = list(pipe.databases)
-        self.default_database = self.database_names[0] if self.database_names else None
+        self.default_database = pipe.databases.default
         retrieval_ready = bool(self.database_names)
         self.available_modes = [mode for mode in pipe.denoisers if mode == "off" or retrieval_ready]
         # 'adapter' is the product's default, but a model without a trained adapter (or served
@@ -287,7 +287,7 @@ class GenerationService:
             database = request.database or self.default_database
             context.database = database
             size = len(self.pipe.databases[database].store)
-            k = 1 if mode == "inject" else request.k
+            k = INJECT_K if mode == "inject" else request.k
             if k > size:
                 raise ApiError(
                     422, f"k must be at most {size}, the size of database {database!r}; got {request.k}", param="k"

@@ -23,7 +23,7 @@ def serve(
     **settings_flags,
 ) -> None:
     """Serve until SIGINT/SIGTERM. ``databases`` are ``NAME=DIR`` specs, the first the default
-    (none: the model's own, :func:`imageragturbo.index.disk.model_databases`); ``settings_flags`` are
+    (none: the model's own, :func:`imageragturbo.retrieval.disk.model_databases`); ``settings_flags`` are
     :class:`ServiceSettings` fields given on the command line (None: from ``IRT_*``)."""
     settings = service_settings.settings_from_flags(**settings_flags)
     model_dir = Path(model_dir)
@@ -36,14 +36,16 @@ def serve(
         settings = settings.model_copy(update={"threads": service_settings.default_worker_threads()})
 
     from imageragturbo.engines.pipeline_engines import use_engine
-    from imageragturbo.index.disk import model_databases
+    from imageragturbo.retrieval.disk import model_databases
     from imageragturbo.model import pipeline
     from imageragturbo.service import app as service_app
 
     databases = list(databases) or model_databases(model_dir)
-    # Database checksums are not recomputed at every start (seconds per GB; `imageragturbo
-    # check-database` does that); each database's model identity is checked against the model.
-    pipe = pipeline.open_pipeline(model_dir, indexes=databases, adapter_dir=adapter_dir, lora_dir=lora_dir)
+    # A corrupt database must never be served: checksums and values are checked before the
+    # first request (the same checks as `imageragturbo check-database`) unless turned off.
+    pipe = pipeline.open_pipeline(
+        model_dir, databases=databases, adapter_dir=adapter_dir, lora_dir=lora_dir, verify=settings.verify_databases
+    )
     # The worker still calls only the pipeline; the pipeline runs its stages on the engines.
     use_engine(pipe, engine, engine_dir, **({"threads": settings.threads} if engine == "onnxruntime" else {}))
     app = service_app.create_app(pipe, settings, model_name=model_dir.name, engine=engine)

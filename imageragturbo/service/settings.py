@@ -29,6 +29,11 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, POST /generate needs 'Authorization: Bearer <key>'")
     max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies get 413")
     warmup: bool = Field(True, description="run one generation per mode before /readyz turns ready")
+    verify_databases: bool = Field(
+        True,
+        description="recompute every database file's checksum and check every stored value at start; off only "
+        "for stores verified elsewhere (e.g. by `imageragturbo check-database` when the image was built)",
+    )
     threads: int | None = Field(
         None,
         ge=1,

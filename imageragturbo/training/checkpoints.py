@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from imageragturbo.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 C = TypeVar("C")
@@ -42,14 +44,19 @@ def config_from_json(cls: type[C], path: str | Path | None, **overrides: Any) ->
     """
     data: dict[str, Any] = {}
     if path is not None:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read it ({exc.strerror or exc})") from exc
+        except ValueError as exc:
+            raise ConfigError(f"config {path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"config {path} must hold a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"config {path} must hold a JSON object, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"config {path}: unknown keys {unknown} for {cls.__name__} (known: {sorted(names)})")
+        raise ConfigError(f"config {path}: unknown keys {unknown} for {cls.__name__} (known: {sorted(names)})")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**data)
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
-from imageragturbo.model.adapter import HSpaceAdapter, retrieval_gate
+from imageragturbo.model.adapter import HSpaceAdapter
 from imageragturbo.model.denoiser import RagDenoiser
 from imageragturbo.model.loading import ModelComponents, load_model, load_teacher_unet
 from imageragturbo.model.retrieval_attention import decoder_cross_attentions
@@ -55,7 +55,7 @@ from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
 from imageragturbo.training.checkpoints import config_to_dict, latest_checkpoint, load_checkpoint, save_checkpoint
-from imageragturbo.training.ladd_config import CONFIG_DIR, LORA_TARGETS, STUDENT_TEXT_BLOCKS, LaddConfig, load_config
+from imageragturbo.training.ladd_config import LORA_TARGETS, STUDENT_TEXT_BLOCKS, LaddConfig, load_config
 from imageragturbo.training.ladd_data import prepare_data, real_database
 from imageragturbo.training.ladd_eval import evaluate, evaluate_style, one_step_images
 from imageragturbo.training.ladd_losses import (
@@ -67,7 +67,7 @@ from imageragturbo.training.ladd_losses import (
 from imageragturbo.world.spec import swap_attribute
 
 __all__ = [
-    "CONFIG_DIR", "LORA_TARGETS", "STUDENT_TEXT_BLOCKS", "LaddConfig", "build_generator", "evaluate", "evaluate_style", "export", "install", "load_config", "main", "one_step_images",
+    "LORA_TARGETS", "STUDENT_TEXT_BLOCKS", "LaddConfig", "build_generator", "evaluate", "evaluate_style", "export", "install", "load_config", "main", "one_step_images",
     "prepare_data", "real_database", "run",
 ]
 
@@ -166,10 +166,10 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     opt_d = torch.optim.AdamW(heads.parameters(), lr=config.disc_lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     generator, heads, opt_g, opt_d = accelerator.prepare(generator, heads, opt_g, opt_d)
     disc = LatentDiscriminator(teacher_split, heads)
-    store, searcher, styled = data.real.store, data.real.searcher, data.styled
+    store, styled = data.real.store, data.styled
     eval_sets = [("test-seen", data.real)]
     if config.eval_index and config.mode == "adapter":
-        from imageragturbo.index.disk import load_database
+        from imageragturbo.retrieval.disk import load_database
 
         eval_database = load_database("eval", config.eval_index, model_id=parts.model_id)
         eval_sets += [("test-tail", eval_database), ("test-held", eval_database)]
@@ -245,16 +245,14 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         with accelerator.accumulate(generator):
             h_retr = lam = None
             if config.mode == "adapter":
-                ids, _ = searcher.search(q.cpu().numpy(), config.k + 1)
                 own = np.full(len(captions), -1)
                 own[n_syn:] = real_idx[0]
-                keep = np.stack([row[row != self_id][: config.k] for row, self_id in zip(ids, own)])
-                if styled is not None:
-                    h_np = styled.h[style_idx[:, None], keep]  # each item's neighbours in its target's style
-                else:
-                    h_np = np.asarray(store.h_features(keep), dtype=np.float32)
+                found = data.real.retrieve(q.cpu().numpy(), config.k, exclude=own)
+                keep = found.ids
+                # each item's neighbours in its target's style
+                h_np = styled.h[style_idx[:, None], keep] if styled is not None else found.h
                 h_retr = torch.from_numpy(h_np).to(device)
-                lam = retrieval_gate(q, torch.from_numpy(np.asarray(store.text_embeddings(keep), dtype=np.float32)).to(device))
+                lam = torch.from_numpy(found.gate).to(device)
                 if not config.retrieval:
                     lam = torch.zeros_like(lam)  # the control: the gate fixed to 0
             ctx_g = ctx

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from imageragturbo.training.checkpoints import config_from_json
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
 """Where a student run's UNet reads the prompt (see ``LaddConfig.student_text_blocks``)."""
 

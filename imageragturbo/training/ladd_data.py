@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.index.searchers import ExactSearcher
-from imageragturbo.index.store import InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.retrieval.searchers import ExactSearcher
+from imageragturbo.retrieval.database import RetrievalDatabase
+from imageragturbo.retrieval.store import InMemoryFeatureStore
 from imageragturbo.model.images import tensor_to_images
 from imageragturbo.model.loading import ModelComponents
 from imageragturbo.model.noise import latent_shape
@@ -73,7 +74,7 @@ def real_database(config: LaddConfig, pipe: RagTurboPipeline) -> tuple[Retrieval
     if kind != "world":
         if config.style_targets:
             raise ValueError(f"style_targets needs a 'world:N' database, got {config.database!r}")
-        from imageragturbo.index.disk import load_database
+        from imageragturbo.retrieval.disk import load_database
 
         return load_database("train", config.database, model_id=pipe.components.model_id), None
     if not count.isdigit():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imageragturbo.index.store import RetrievalDatabase
-from imageragturbo.model.adapter import retrieval_gate
+from imageragturbo.retrieval.database import RetrievalDatabase
 from imageragturbo.model.denoiser import RagDenoiser
 from imageragturbo.model.images import tensor_to_images
 from imageragturbo.model.noise import initial_noise, latent_shape
@@ -40,10 +39,9 @@ def one_step_images(
     t = torch.full((len(captions),), config.student_timesteps[0], device=device)
     h_retr = lam = None
     if generator.mode == "adapter":
-        ids, _ = database.searcher.search(encoded.q.cpu().numpy(), config.k)
-        h_np = h_rows[ids] if h_rows is not None else np.asarray(database.store.h_features(ids), dtype=np.float32)
-        h_retr = torch.from_numpy(h_np).to(device)
-        lam = retrieval_gate(encoded.q, torch.from_numpy(np.asarray(database.store.text_embeddings(ids), dtype=np.float32)).to(device))
+        found = database.retrieve(encoded.q.cpu().numpy(), config.k, h_rows=h_rows)
+        h_retr = torch.from_numpy(found.h).to(device)
+        lam = torch.from_numpy(found.gate).to(device)
         if not config.retrieval:
             lam = torch.zeros_like(lam)
     ctx = encoded.ctx

@@ -41,6 +41,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
 from imageragturbo.errors import ConfigError
+from imageragturbo.paths import TRAINING_CONFIGS
 from imageragturbo.training import pretrain_clip, pretrain_teacher, pretrain_vae
 from imageragturbo.training.sampling import TeacherParts, score_prompts
 from imageragturbo.world.splits import eval_prompts
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 class RecipeError(ConfigError):
     """The recipe cannot start: a stage's config file is missing."""
 
-CONFIGS = Path(__file__).parent / "configs"
 STAGE_CONFIGS = ("vae.json", "vae_decoder_ft.json", "clip.json", "clip_entities.json", "teacher.json")
 LADD_CONFIGS = {
     "student": "ladd_student_shapes.json",
@@ -137,7 +137,7 @@ def evaluate_model_dir(model_dir: Path, n_prompts: int = 200, steps: int = 25, g
     return out
 
 
-def run(runs: Path, model_dir: Path, resume: bool = False, configs: Path = CONFIGS, eval_prompts: int = 200) -> dict:
+def run(runs: Path, model_dir: Path, resume: bool = False, configs: Path = TRAINING_CONFIGS, eval_prompts: int = 200) -> dict:
     """Run every stage in order (see module docstring) and export; return the evaluation.
 
     ``configs`` is the folder holding the stages' config files (the package's by default);
@@ -179,9 +179,9 @@ def run(runs: Path, model_dir: Path, resume: bool = False, configs: Path = CONFI
 def build_databases(model_dir: Path, n: int, resume: bool = False) -> list[Path]:
     """One database per style under ``<model_dir>/databases/``, built with the model's student
     encoder; ``grey`` the default. With ``resume``, a database already built for this model stays."""
-    from imageragturbo.index.build import build_index
-    from imageragturbo.index.disk import DATABASES_DIR, read_manifest, write_databases_file
-    from imageragturbo.index.pairs import WorldPairs
+    from imageragturbo.retrieval.build import build_database
+    from imageragturbo.retrieval.disk import DATABASES_DIR, read_manifest, write_databases_file
+    from imageragturbo.retrieval.pairs import WorldPairs
     from imageragturbo.model.pipeline import RagTurboPipeline
     from imageragturbo.world.render import DEFAULT_STYLE, STYLE_NAMES
 
@@ -192,13 +192,13 @@ def build_databases(model_dir: Path, n: int, resume: bool = False) -> list[Path]
         if resume and (path / "manifest.json").is_file() and read_manifest(path)["model_id"] == pipe.components.model_id:
             logger.info("database %s already built for this model", path)
         else:
-            build_index(pipe, WorldPairs(n, style=style), path, overwrite=True)
+            build_database(pipe, WorldPairs(n, style=style), path, overwrite=True)
         paths.append(path)
     write_databases_file(model_dir, DEFAULT_STYLE)
     return paths
 
 
-def build_world(out: Path, work: Path, resume: bool = False, configs: Path = CONFIGS,
+def build_world(out: Path, work: Path, resume: bool = False, configs: Path = TRAINING_CONFIGS,
                 index_pairs: int = WORLD_DATABASE_PAIRS, eval_prompts: int = 200) -> dict:
     """Every stage of the module docstring, in order, each installed into ``out``; returns the
     wall time of each stage run here (seconds) and the teacher's evaluation."""

@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from imageragturbo.cli import main
 from imageragturbo.benchmarks.retrieval.data import exact_topk

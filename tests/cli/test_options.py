@@ -38,7 +38,7 @@ def test_database_without_equals_keeps_choosing_where_it_did(capsys):
 def test_a_bad_database_spec_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit:
         build_parser().parse_args(["serve", "--database", "name="])
-    assert exit.value.code == 2 and "index spec" in capsys.readouterr().err
+    assert exit.value.code == 2 and "database spec" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("old", "new"), [("build-index", "build-database"), ("check-index", "check-database")])
@@ -81,14 +81,14 @@ def test_every_library_error_class_is_an_imageragturbo_error():
     from imageragturbo.cli.options import CliError
     from imageragturbo.engines.export import ExportError
     from imageragturbo.engines.protocol import EngineLoadError, StaleExportError
-    from imageragturbo.index.build import IndexBuildError
-    from imageragturbo.index.disk import IndexLoadError
-    from imageragturbo.index.pairs import PairSourceError
+    from imageragturbo.retrieval.build import DatabaseBuildError
+    from imageragturbo.retrieval.disk import DatabaseLoadError
+    from imageragturbo.retrieval.pairs import PairSourceError
     from imageragturbo.model.loading import ModelLoadError
     from imageragturbo.service.batcher import BatchFailedError, QueueFullError, ShuttingDownError
     from imageragturbo.training.world_recipe import RecipeError
 
-    for cls in (BenchError, CliError, ExportError, EngineLoadError, StaleExportError, IndexBuildError, IndexLoadError,
+    for cls in (BenchError, CliError, ExportError, EngineLoadError, StaleExportError, DatabaseBuildError, DatabaseLoadError,
                 PairSourceError, ModelLoadError, BatchFailedError, QueueFullError, ShuttingDownError, RecipeError):
         assert issubclass(cls, ImageRagTurboError), cls
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
 from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle at the top", "three red circles"]

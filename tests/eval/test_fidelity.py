@@ -7,7 +7,7 @@ from tiny_models import build_tiny_model_dir
 
 from imageragturbo.cli import main
 from imageragturbo.eval.fidelity import RowSpec, evaluate_fidelity, load_prompts
-from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
 from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 from imageragturbo.model.loading import load_teacher_unet
 from imageragturbo.world.splits import world_arrays

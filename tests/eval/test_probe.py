@@ -7,9 +7,9 @@ from tiny_models import build_tiny_model_dir
 
 from imageragturbo.cli import main
 from imageragturbo.eval.probe import probe_latents, probe_split
-from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
-from imageragturbo.index.build import build_index
-from imageragturbo.index.pairs import WorldPairs
+from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.retrieval.build import build_database
+from imageragturbo.retrieval.pairs import WorldPairs
 from imageragturbo.model import RagTurboPipeline, load_model
 
 # The tiny tokenizer keeps 16 characters: prompts that differ early, so each retrieves its own row.
@@ -82,7 +82,7 @@ def test_probe_split_scores_every_probe_and_needs_a_database(world_model):
 def test_eval_probe_command(world_model, tmp_path, capsys):
     pipe = RagTurboPipeline(load_model(world_model, base_only=True))
     index = tmp_path / "index"
-    build_index(pipe, WorldPairs(24), index, batch_size=12, chunk_size=12, progress=False)
+    build_database(pipe, WorldPairs(24), index, batch_size=12, chunk_size=12, progress=False)
     out = tmp_path / "probe.json"
     code = main(["eval", "probe", "--model", str(world_model), "--index", str(index), "--n", "3",
                  "--prompts", "test-held", "--json", str(out)])

@@ -1,8 +1,7 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from imageragturbo.model import HSpaceAdapter, retrieval_gate
+from imageragturbo.model import HSpaceAdapter
 
 
 def _inputs(b=2, k=3, c=64, h=4, seed=0):
@@ -46,15 +45,6 @@ def test_bad_shapes_are_named():
     adapter = HSpaceAdapter(channels=64, num_heads=4)
     with pytest.raises(ValueError, match="h_retr must be"):
         adapter(torch.randn(2, 64, 4, 4), torch.randn(2, 32, 4, 4), torch.ones(2))
-
-
-def test_retrieval_gate_is_mean_cosine():
-    q = F.normalize(torch.randn(2, 16), dim=-1)
-    e = F.normalize(torch.randn(2, 3, 16), dim=-1)
-    expected = torch.stack([torch.stack([q[b] @ e[b, j] for j in range(3)]).mean() for b in range(2)])
-    torch.testing.assert_close(retrieval_gate(q, e), expected)
-    same = retrieval_gate(q, q[:, None, :].expand(2, 4, 16))
-    torch.testing.assert_close(same, torch.ones(2))
 
 
 def test_save_and_reload_gives_identical_output(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
 from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, few_step_timesteps, load_model
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle at the top", "three red circles"]
@@ -105,7 +105,7 @@ def test_result_fields(v_pipe):
 
 class _ScoresOnly:
     """The same searcher, claiming nothing about its scores: the pipeline must then gather the
-    neighbours' text embeddings and compute the gate with ``retrieval_gate``."""
+    neighbours' text embeddings and compute the gate from them (``retrieval.gate``)."""
 
     def __init__(self, searcher):
         self.searcher = searcher

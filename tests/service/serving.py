@@ -47,7 +47,7 @@ def build_tiny_pipeline(
     """A RagTurboPipeline over a tiny model dir, with a random (non-zero) adapter and in-memory
     databases (``databases``, the first the default) of six captions with random latents (kept,
     so neighbours can be drawn), as tests/model does; ``tokenizer`` replaces the model's."""
-    from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+    from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
     from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 
     parts = load_model(model_dir)

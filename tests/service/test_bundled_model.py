@@ -21,7 +21,7 @@ def server():
 
 
 def test_serves_one_database_per_style_grey_the_default():
-    from imageragturbo.index.disk import model_databases
+    from imageragturbo.retrieval.disk import model_databases
 
     assert [spec.split("=")[0] for spec in model_databases(BUNDLED)] == ["grey", "bright", "dim"]
 

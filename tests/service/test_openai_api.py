@@ -134,7 +134,7 @@ def test_api_key_guards_the_v1_routes(tiny_pipe):
 @pytest.mark.slow
 @pytest.mark.skipif(BUNDLED is None, reason="the bundled model is not there")
 def test_bundled_model_through_the_official_client():
-    from imageragturbo.index.disk import model_databases
+    from imageragturbo.retrieval.disk import model_databases
     from imageragturbo.model.pipeline import open_pipeline
 
     pipe = open_pipeline(BUNDLED)  # with the model's own databases, the default first

@@ -38,7 +38,7 @@ def test_bundled_model_default_names_the_folder_when_absent(tmp_path, monkeypatc
         (["--engine", "onnxruntime", "--engine-dir", "/nonexistent"], {}, "cannot load the onnxruntime engine:"),
         (["--max-batch", "0"], {}, "bad server settings (flags or IRT_* variables): max_batch: Input should be greater than or equal to 1"),
         ([], {"IRT_MAX_QUEUE": "lots"}, "max_queue: Input should be a valid integer"),
-        (["--index", "db=/nonexistent/index"], {}, "cannot load index 'db' from /nonexistent/index"),
+        (["--index", "db=/nonexistent/index"], {}, "cannot load database 'db' from /nonexistent/index"),
         (["--threads", "0"], {}, "threads: Input should be greater than or equal to 1"),
         ([], {"IRT_THREADS": "many"}, "threads: Input should be a valid integer"),
     ],
@@ -136,7 +136,7 @@ def test_default_index_is_served_as_default(tiny_model_dir, tmp_path, monkeypatc
     (model / "index").mkdir()
     assert main(["serve", "--model", str(model)]) == 2
     assert main(["serve", "--model", str(model), "--index", "db=/elsewhere"]) == 2
-    assert [kwargs["indexes"] for _, kwargs in opened] == [[], [f"default={model / 'index'}"], ["db=/elsewhere"]]
+    assert [kwargs["databases"] for _, kwargs in opened] == [[], [f"default={model / 'index'}"], ["db=/elsewhere"]]
 
 
 @pytest.mark.slow

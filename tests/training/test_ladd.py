@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from tiny_models import build_tiny_model_dir
 
 from imageragturbo.model import RagTurboPipeline, load_model
+from imageragturbo.paths import TRAINING_CONFIGS
 from imageragturbo.model.loading import load_teacher_unet
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
@@ -140,7 +141,7 @@ def test_discriminator_heads_are_spectrally_normalised():
 
 
 def test_sd_turbo_config_runs_one_step_with_tiny_models_of_the_same_layout(world_like_model, tmp_path):
-    config = ladd.load_config(ladd.CONFIG_DIR / "ladd_adapter_sdturbo.json")
+    config = ladd.load_config(TRAINING_CONFIGS / "ladd_adapter_sdturbo.json")
     assert (config.batch_size, config.lr, config.disc_lr, config.steps, config.alpha, config.beta) == (
         2048, 1e-5, 1e-5, 20000, 2.5, 1.0
     )
@@ -205,7 +206,7 @@ def test_a_student_without_decoder_cross_attention_keeps_the_teachers_weights_an
         ladd.run(_config(world_like_model, "student", student_text_blocks="decoder"), tmp_path / "bad")
 
 
-@pytest.mark.parametrize("path", sorted(ladd.CONFIG_DIR.glob("ladd_*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(TRAINING_CONFIGS.glob("ladd_*.json")), ids=lambda p: p.name)
 def test_every_shipped_ladd_config_loads(path):
     config = ladd.load_config(path)  # unknown keys and bad types raise
     assert config.mode in path.name

@@ -15,7 +15,7 @@ PEER_MODULES = {"faiss-hnsw": "faiss", "faiss-ivf": "faiss", "hnswlib": "hnswlib
 
 
 def build_scann(data, spec_args: dict, folder: Path):
-    from imageragturbo.index.searchers import ScannSearcher, ScannSpec
+    from imageragturbo.retrieval.searchers import ScannSearcher, ScannSpec
 
     spec = ScannSpec.for_size(data.shape[0], mode="tree_ah", training_threads=1, **spec_args)
     searcher = ScannSearcher.build(data, spec)

@@ -18,7 +18,7 @@ PAPER_N = 630_000
 def gather_timing(work: Path, rows: int, k: int, repeats: int = 200) -> dict:
     """p50 time to gather k SD-sized H-features from a memory-mapped fp16 store, with the page
     cache dropped for the file before each gather (cold: a disk read) and after reading it (warm)."""
-    from imageragturbo.index.disk import gather_rows
+    from imageragturbo.retrieval.disk import gather_rows
 
     path = work / "h_store.npy"
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *SD_H_SHAPE))
@@ -114,9 +114,9 @@ def quantisation_effect(model_dir: Path, pairs: int = 64, prompts: int = 16) -> 
     ``inject`` (w = 0.8) and ``adapter`` (when the model has one) for ``prompts`` test-held prompts."""
     import torch
 
-    from imageragturbo.index import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
-    from imageragturbo.index.build import model_pixel_size
-    from imageragturbo.index.pairs import WorldPairs
+    from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
+    from imageragturbo.retrieval.build import model_pixel_size
+    from imageragturbo.retrieval.pairs import WorldPairs
     from imageragturbo.model import RagTurboPipeline, load_model
     from imageragturbo.world.splits import eval_prompts
 

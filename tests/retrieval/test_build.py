@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from imageragturbo.cli import main
-from imageragturbo.index.build import IndexBuildError, build_index, partial_dir
-from imageragturbo.index.disk import IndexLoadError, MemmapFeatureStore, load_database, parse_index_spec, read_manifest
-from imageragturbo.index.pairs import PairSourceError, WorldPairs, open_pairs
+from imageragturbo.retrieval.build import DatabaseBuildError, build_database, partial_dir
+from imageragturbo.retrieval.disk import DatabaseLoadError, MemmapFeatureStore, load_database, parse_database_spec, read_manifest
+from imageragturbo.retrieval.pairs import PairSourceError, WorldPairs, open_pairs
 from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 
 
@@ -29,7 +29,7 @@ def pipe(tiny_model_dir):
 @pytest.fixture(scope="module")
 def world_index(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "world"
-    build_index(pipe, WorldPairs(48), out, batch_size=16, chunk_size=20, progress=False)
+    build_database(pipe, WorldPairs(48), out, batch_size=16, chunk_size=20, progress=False)
     return out
 
 
@@ -60,7 +60,7 @@ def test_world_index_layout_and_rows(pipe, world_index):
 
 
 def test_small_store_arrays_are_read_into_memory_and_large_ones_stay_mapped(world_index, monkeypatch):
-    import imageragturbo.index.disk as disk
+    import imageragturbo.retrieval.disk as disk
 
     ids = np.array([[5, 1, 5, 40]])
     resident = MemmapFeatureStore(world_index)
@@ -87,11 +87,11 @@ def test_loaded_database_drives_the_pipeline(pipe, world_index):
 def test_model_mismatch_is_refused_naming_both(world_index, tiny_v_model_dir, pipe, tmp_path, capsys):
     code = main(["generate", "a red circle", "--mode", "inject", "--model", str(tiny_v_model_dir),
                  "--index", f"w={world_index}", "--out", str(tmp_path / "x.png")])
-    assert code == 2 and "rebuild the index with this model: imageragturbo build-database" in capsys.readouterr().err
+    assert code == 2 and "rebuild the database with this model: imageragturbo build-database" in capsys.readouterr().err
     other = load_model(tiny_v_model_dir)
     built_with = pipe.components.model_id
     assert other.model_id != built_with
-    with pytest.raises(IndexLoadError, match=f"built with model {built_with}.*model is {other.model_id}") as caught:
+    with pytest.raises(DatabaseLoadError, match=f"built with model {built_with}.*model is {other.model_id}") as caught:
         load_database("w", world_index, model_id=other.model_id)
     assert f"imageragturbo build-database --out {world_index} --world 48 --world-seed 0 --searcher exact" in str(caught.value)
     with pytest.raises(ValueError, match=f"built with model {built_with}.*loaded model is {other.model_id}"):
@@ -100,7 +100,7 @@ def test_model_mismatch_is_refused_naming_both(world_index, tiny_v_model_dir, pi
 
 def test_verify_detects_corruption(pipe, tmp_path):
     out = tmp_path / "db"
-    build_index(pipe, WorldPairs(8), out, batch_size=8, progress=False)
+    build_database(pipe, WorldPairs(8), out, batch_size=8, progress=False)
     load_database("ok", out, verify=True)
     with open(out / "h_retr.npy", "r+b") as handle:
         handle.seek(-3, os.SEEK_END)
@@ -108,13 +108,13 @@ def test_verify_detects_corruption(pipe, tmp_path):
         handle.seek(-3, os.SEEK_END)
         handle.write(bytes([byte[0] ^ 0xFF]))
     load_database("unverified", out)  # opening checks shapes and dtypes only
-    with pytest.raises(IndexLoadError, match=r"h_retr\.npy: checksum mismatch"):
+    with pytest.raises(DatabaseLoadError, match=r"h_retr\.npy: checksum mismatch"):
         load_database("bad", out, verify=True)
     assert main(["check-index", str(out)]) == 2
     # A truncated array is caught on open, without --verify.
     with open(out / "z0.npy", "r+b") as handle:
         handle.truncate(200)
-    with pytest.raises(IndexLoadError, match="z0.npy"):
+    with pytest.raises(DatabaseLoadError, match="z0.npy"):
         load_database("short", out)
 
 
@@ -138,30 +138,30 @@ def test_killed_build_leaves_nothing_loadable_and_resume_completes(pipe, tiny_mo
     assert second_chunk.exists(), proc.stderr.read().decode()[-2000:]
     assert not out.exists()
     for folder in (out, partial_dir(out)):
-        with pytest.raises(IndexLoadError):
+        with pytest.raises(DatabaseLoadError):
             load_database("x", folder)
     # --resume continues only a build of the same thing.
-    with pytest.raises(IndexBuildError, match=r"cannot resume .*chunk_size"):
-        build_index(pipe, WorldPairs(24), out, chunk_size=8, resume=True, progress=False)
-    result = build_index(pipe, WorldPairs(24), out, batch_size=4, chunk_size=4, resume=True, progress=False)
+    with pytest.raises(DatabaseBuildError, match=r"cannot resume .*chunk_size"):
+        build_database(pipe, WorldPairs(24), out, chunk_size=8, resume=True, progress=False)
+    result = build_database(pipe, WorldPairs(24), out, batch_size=4, chunk_size=4, resume=True, progress=False)
     assert result.resumed_chunks >= 2 and result.count == 24
     load_database("done", out, verify=True)
     # The resumed index equals one built in one go.
     clean = tmp_path / "clean"
-    build_index(pipe, WorldPairs(24), clean, batch_size=4, chunk_size=4, progress=False)
+    build_database(pipe, WorldPairs(24), clean, batch_size=4, chunk_size=4, progress=False)
     resumed_rows, resumed_captions = _rows(out)
     clean_rows, clean_captions = _rows(clean)
     assert resumed_captions == clean_captions
     for name in clean_rows:
         np.testing.assert_array_equal(resumed_rows[name], clean_rows[name])
-    with pytest.raises(IndexBuildError, match="already exists"):
-        build_index(pipe, WorldPairs(4), out, progress=False)
+    with pytest.raises(DatabaseBuildError, match="already exists"):
+        build_database(pipe, WorldPairs(4), out, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["scann", "bm25"])
 def test_other_searchers_round_trip_through_the_folder(pipe, tmp_path, kind):
     out = tmp_path / kind
-    build_index(pipe, WorldPairs(40), out, searcher=kind, batch_size=20, progress=False)
+    build_database(pipe, WorldPairs(40), out, searcher=kind, batch_size=20, progress=False)
     db = load_database(kind, out, verify=True)
     assert db.searcher.kind == kind and read_manifest(out)["searcher"]["kind"] == kind
     captions = db.store.all_captions()
@@ -182,14 +182,14 @@ def test_build_from_folder_and_jsonl(pipe, tmp_path):
 
     pairs = world_pairs("train", 6, seed=3)
     _write_folder(tmp_path / "folder", pairs)
-    build_index(pipe, open_pairs(tmp_path / "folder"), tmp_path / "from_folder", progress=False)
+    build_database(pipe, open_pairs(tmp_path / "folder"), tmp_path / "from_folder", progress=False)
     store = MemmapFeatureStore(tmp_path / "from_folder")
     assert store.all_captions() == [c for _, c, _ in pairs]
     assert store.source_ids(np.array([[0]])) == [["img00.png"]]
 
     lines = [json.dumps({"image": f"folder/img{i:02d}.png", "caption": c, "id": f"p{i}"}) for i, (_, c, _) in enumerate(pairs)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    build_index(pipe, open_pairs(tmp_path / "pairs.jsonl"), tmp_path / "from_jsonl", progress=False)
+    build_database(pipe, open_pairs(tmp_path / "pairs.jsonl"), tmp_path / "from_jsonl", progress=False)
     jsonl_store = MemmapFeatureStore(tmp_path / "from_jsonl")
     assert jsonl_store.source_ids(np.array([[1]])) == [["p1"]]
     np.testing.assert_array_equal(np.asarray(jsonl_store.arrays["h_retr"]), np.asarray(store.arrays["h_retr"]))
@@ -218,12 +218,12 @@ def test_bad_pairs_are_named(tmp_path):
         open_pairs(tmp_path / "folder").read(0, 2, (16, 16))
 
 
-def test_parse_index_spec(tmp_path):
-    assert parse_index_spec("art=/data/art") == ("art", tmp_path.__class__("/data/art"))
-    assert parse_index_spec(str(tmp_path / "photos"))[0] == "photos"
+def test_parse_database_spec(tmp_path):
+    assert parse_database_spec("art=/data/art") == ("art", tmp_path.__class__("/data/art"))
+    assert parse_database_spec(str(tmp_path / "photos"))[0] == "photos"
     for bad in ("", "=x", "name="):
-        with pytest.raises(ValueError, match="index spec"):
-            parse_index_spec(bad)
+        with pytest.raises(ValueError, match="database spec"):
+            parse_database_spec(bad)
 
 
 def test_build_index_cli_errors(tiny_model_dir, tmp_path, capsys):
@@ -234,8 +234,8 @@ def test_build_index_cli_errors(tiny_model_dir, tmp_path, capsys):
 
 
 def test_two_databases_selectable_by_name(pipe, tiny_model_dir, tmp_path, capsys):
-    build_index(pipe, WorldPairs(16, seed=0), tmp_path / "a", progress=False)
-    build_index(pipe, WorldPairs(16, seed=1), tmp_path / "b", progress=False)
+    build_database(pipe, WorldPairs(16, seed=0), tmp_path / "a", progress=False)
+    build_database(pipe, WorldPairs(16, seed=1), tmp_path / "b", progress=False)
     local = RagTurboPipeline(pipe.components, [load_database("a", tmp_path / "a"), load_database("b", tmp_path / "b")])
     prompt = MemmapFeatureStore(tmp_path / "b").all_captions()[2]
     from_a = local([prompt], [0], mode="adapter", k=2, database="a")
@@ -282,8 +282,8 @@ def test_build_from_parquet_paths_and_bytes(pipe, tmp_path):
     pq.write_table(pa.table({"image": encoded, "caption": captions}), tmp_path / "bytes.parquet", row_group_size=3)
     pq.write_table(pa.table({"image": [f"folder/img{i:02d}.png" for i in range(5)], "caption": captions,
                              "id": [f"q{i}" for i in range(5)]}), tmp_path / "paths.parquet")
-    build_index(pipe, open_pairs(tmp_path / "bytes.parquet"), tmp_path / "a", batch_size=2, chunk_size=4, progress=False)
-    build_index(pipe, open_pairs(tmp_path / "paths.parquet"), tmp_path / "b", progress=False)
+    build_database(pipe, open_pairs(tmp_path / "bytes.parquet"), tmp_path / "a", batch_size=2, chunk_size=4, progress=False)
+    build_database(pipe, open_pairs(tmp_path / "paths.parquet"), tmp_path / "b", progress=False)
     a, b = MemmapFeatureStore(tmp_path / "a"), MemmapFeatureStore(tmp_path / "b")
     assert a.all_captions() == b.all_captions() == captions
     assert b.source_ids(np.array([[4]])) == [["q4"]] and a.source_ids(np.array([[4]])) == [["bytes.parquet:4"]]
@@ -313,18 +313,18 @@ def _corrupt(folder, name, row, value):
     ("z0", np.nan, "row 3 holds NaN or infinite"),
 ])
 def test_a_database_with_bad_values_is_refused_naming_the_file_and_row(tiny_model_dir, tmp_path, name, value, needle):
-    from imageragturbo.index.disk import IndexLoadError, MemmapFeatureStore, load_database, verify_values
+    from imageragturbo.retrieval.disk import DatabaseLoadError, MemmapFeatureStore, load_database, verify_values
 
     pipe = RagTurboPipeline.from_pretrained(tiny_model_dir)
     folder = tmp_path / "db"
-    build_index(pipe, WorldPairs(8), folder, progress=False)
+    build_database(pipe, WorldPairs(8), folder, progress=False)
     _corrupt(folder, name, 3, value)
-    with pytest.raises(IndexLoadError, match=needle) as err:
+    with pytest.raises(DatabaseLoadError, match=needle) as err:
         if name == "text_emb":
             load_database("db", folder)  # the keys are checked at every load
         else:
             verify_values(folder, MemmapFeatureStore(folder))  # the features with verification
     assert str(folder) in str(err.value)
     if name != "text_emb":
-        with pytest.raises(IndexLoadError, match="checksum mismatch"):
+        with pytest.raises(DatabaseLoadError, match="checksum mismatch"):
             load_database("db", folder, verify=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from imageragturbo.index.disk import DIRECT_GATHER_MAX, gather_rows
+from imageragturbo.retrieval.disk import DIRECT_GATHER_MAX, gather_rows
 
 
 @pytest.fixture()

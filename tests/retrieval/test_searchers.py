@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from imageragturbo.index.searchers import (
+from imageragturbo.retrieval.searchers import (
     Bm25Searcher,
     ExactSearcher,
     ScannSearcher,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.index.protocols import Searcher
+from imageragturbo.retrieval.protocols import Searcher
 
 SMALL_K = 16
 """Up to this k, top-k is k argmax passes over the scores (0.5 us each over 4,096 floats) rather

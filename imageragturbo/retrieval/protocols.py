@@ -1,4 +1,5 @@
-"""The two seams of retrieval: a Searcher finds neighbour ids, a FeatureStore hands over their rows.
+"""The seams of retrieval: a Searcher finds neighbour ids, a FeatureStore hands over their rows,
+and a RowEncoder (the model, passed in by the caller) computes the rows a database is built from.
 
 Shapes, not code, are the contract (docs/design.md):
 
@@ -17,9 +18,13 @@ Shapes, not code, are the contract (docs/design.md):
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -43,10 +48,32 @@ class FeatureStore(Protocol):
         """ids int64 [B, k] -> float [B, k, C, h, w]."""
         ...
 
+    def latents(self, ids: np.ndarray) -> np.ndarray:
+        """ids int64 [B, k] -> the images' scaled VAE latents z0, float [B, k, c, h, w]."""
+        ...
+
     def captions(self, ids: np.ndarray) -> list[list[str]]:
         """ids int64 [B, k] -> B lists of k captions."""
         ...
 
     def source_ids(self, ids: np.ndarray) -> list[list[str]]:
         """ids int64 [B, k] -> B lists of k source ids (the pair's name in its dataset)."""
+        ...
+
+
+@runtime_checkable
+class RowEncoder(Protocol):
+    """What building a database needs of a model (:class:`~imageragturbo.model.RagTurboPipeline`
+    is one): its identity, its latent shape, and the two encoders of a row."""
+
+    model_id: str
+    model_dir: Path
+    latent_shape: tuple[int, int, int]
+
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> scaled VAE latents z0 float32 [N, c, h, w]."""
+        ...
+
+    def encode_database_rows(self, z0: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """z0 [N, c, h, w] + N captions -> (text embedding e float32 [N, Dq], H-feature float32 [N, C, h', w'])."""
         ...

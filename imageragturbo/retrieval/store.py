@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-from imageragturbo.index.protocols import FeatureStore, Searcher
 
 
 class InMemoryFeatureStore:
@@ -54,12 +50,3 @@ class InMemoryFeatureStore:
 
     def source_ids(self, ids: np.ndarray) -> list[list[str]]:
         return [[self._source_ids[i] for i in row] for row in np.asarray(ids)]
-
-
-@dataclass
-class RetrievalDatabase:
-    """A named database: what to search and where its features live."""
-
-    name: str
-    searcher: Searcher
-    store: FeatureStore

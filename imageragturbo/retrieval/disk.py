@@ -13,7 +13,7 @@ A database folder holds::
 
 Arrays are plain ``.npy`` read with ``np.load(mmap_mode="r", allow_pickle=False)``, text is
 JSON: nothing in a database is ever unpickled. The folder is written by
-:mod:`imageragturbo.index.build` under a temporary name and renamed into place only once the
+:mod:`imageragturbo.retrieval.build` under a temporary name and renamed into place only once the
 manifest is written, so a folder without ``manifest.json`` is never loaded.
 """
 
@@ -23,12 +23,15 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.errors import ImageRagTurboError
-from imageragturbo.index.store import RetrievalDatabase
+from imageragturbo.errors import ConfigError, ImageRagTurboError
+from imageragturbo.retrieval.database import RetrievalDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +49,21 @@ RESIDENT_MAX_BYTES = 64 << 20
 ones are gathered from the memory map."""
 
 
-class IndexLoadError(ImageRagTurboError, ValueError):
+class DatabaseLoadError(ImageRagTurboError, ValueError):
     """A database folder is missing, incomplete, corrupt or built with another model."""
 
 
 # -- files written safely ---------------------------------------------------------------------
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
+def sha256_file(path: Path, block: int = 1 << 22, on_read=None) -> str:
+    """The file's sha256, read in ``block``-byte chunks; ``on_read(n)`` after each chunk."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
+            if on_read is not None:
+                on_read(len(chunk))
     return digest.hexdigest()
 
 
@@ -86,54 +92,140 @@ def read_json(path: Path, what: str) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise IndexLoadError(f"missing {what}: {path}") from exc
+        raise DatabaseLoadError(f"missing {what}: {path}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexLoadError(f"malformed {what} {path}: {exc}") from exc
+        raise DatabaseLoadError(f"malformed {what} {path}: {exc}") from exc
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise DatabaseLoadError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
 # -- the manifest -----------------------------------------------------------------------------
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of database folder ``path``, checked for the fields the loader relies on."""
+    """The manifest of database folder ``path``, with every field the loader relies on checked
+    for its type, and every file it names inside the folder."""
     path = Path(path)
     if not path.is_dir():
-        raise IndexLoadError(f"index folder not found: {path}")
+        raise DatabaseLoadError(f"database folder not found: {path}")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise IndexLoadError(
-            f"{path} has no {MANIFEST}: not an index folder, or a build that never finished "
-            "(rerun build-index, with --resume to continue it)"
+        raise DatabaseLoadError(
+            f"{path} has no {MANIFEST}: not a database folder, or a build that never finished "
+            "(rerun build-database, with --resume to continue it)"
         )
-    manifest = read_json(manifest_path, "index manifest")
+    manifest = read_json(manifest_path, "database manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexLoadError(f"{manifest_path}: not an {FORMAT} manifest")
+        raise DatabaseLoadError(f"{manifest_path}: not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexLoadError(
+        raise DatabaseLoadError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
         )
+
+    def bad(field: str, expected: str) -> DatabaseLoadError:
+        return DatabaseLoadError(f"{manifest_path}: field {field!r} must be {expected}, got {manifest_value(field)!r}")
+
+    def manifest_value(field: str):
+        value = manifest
+        for key in field.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
     for key in ("model_id", "count", "arrays", "files", "searcher"):
         if key not in manifest:
-            raise IndexLoadError(f"{manifest_path}: missing field {key!r}")
+            raise DatabaseLoadError(f"{manifest_path}: missing field {key!r}")
+    if not isinstance(manifest["model_id"], str) or not manifest["model_id"]:
+        raise bad("model_id", "a non-empty string")
+    if not _is_count(manifest["count"]):
+        raise bad("count", "a non-negative integer")
+    if not isinstance(manifest["arrays"], dict):
+        raise bad("arrays", "an object of {name: {file, shape, dtype, sha256}}")
     missing = [name for name in ARRAYS if name not in manifest["arrays"]]
     if missing:
-        raise IndexLoadError(f"{manifest_path}: no entry for arrays {missing}")
+        raise DatabaseLoadError(f"{manifest_path}: no entry for arrays {missing}")
+    for name in ARRAYS:
+        spec = manifest["arrays"][name]
+        if not isinstance(spec, dict):
+            raise bad(f"arrays.{name}", "an object of {file, shape, dtype, sha256}")
+        for key in ("file", "shape", "dtype", "sha256"):
+            if key not in spec:
+                raise DatabaseLoadError(f"{manifest_path}: arrays.{name} has no {key!r}")
+        if not isinstance(spec["shape"], list) or not spec["shape"] or not all(_is_count(d) for d in spec["shape"]):
+            raise bad(f"arrays.{name}.shape", "a non-empty list of non-negative integers")
+        if not isinstance(spec["dtype"], str):
+            raise bad(f"arrays.{name}.dtype", "a string")
+        if not _is_sha256(spec["sha256"]):
+            raise bad(f"arrays.{name}.sha256", "64 hex digits")
+        inside(path, spec["file"], f"{manifest_path}: arrays.{name}.file")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and _is_sha256(v) for k, v in files.items()):
+        raise bad("files", "an object of {file: sha256}")
+    for name in files:
+        inside(path, name, f"{manifest_path}: files")
+    searcher = manifest["searcher"]
+    if not isinstance(searcher, dict) or not isinstance(searcher.get("kind"), str):
+        raise bad("searcher", "an object with a 'kind'")
+    if not isinstance(searcher.get("params", {}), dict):
+        raise bad("searcher.params", "an object")
     return manifest
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def inside(folder: Path, name, what: str) -> Path:
+    """``folder / name``, refusing a name that is not a relative path inside ``folder`` (an
+    absolute path, ``..``, or a link out of it): a manifest never makes us read elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise DatabaseLoadError(f"{what}: {name!r} must be a relative file name inside {folder}")
+    file = folder / name
+    root = folder.resolve()
+    if not file.resolve().is_relative_to(root):
+        raise DatabaseLoadError(f"{what}: {name!r} points outside the database folder {folder}")
+    return file
+
+
+CHECKSUM_PROGRESS_S = 10.0
+"""A checksum pass longer than this logs its progress at this interval."""
+
+
 def verify_checksums(path: Path, manifest: dict) -> None:
-    """Recompute the sha256 of every file the manifest lists; raise naming the first mismatch."""
+    """Recompute the sha256 of every file the manifest lists; raise naming the first mismatch.
+
+    Files are hashed on a few threads at once (hashlib releases the GIL), each in 4 MiB chunks,
+    so memory stays flat at any store size; a long pass logs how far it is."""
     path = Path(path)
     entries = {spec["file"]: spec["sha256"] for spec in manifest["arrays"].values()}
     entries.update(manifest["files"])
-    for name, expected in sorted(entries.items()):
-        file = path / name
+    files = {name: inside(path, name, f"{path / MANIFEST}") for name in sorted(entries)}
+    for file in files.values():
         if not file.is_file():
-            raise IndexLoadError(f"{file}: listed in the manifest but missing")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise IndexLoadError(f"{file}: checksum mismatch (manifest sha256 {expected}, file has {actual}); the index is corrupt")
-    logger.info("verified %d files of %s", len(entries), path)
+            raise DatabaseLoadError(f"{file}: listed in the manifest but missing")
+    total = sum(file.stat().st_size for file in files.values())
+    done, lock, started = [0, time.monotonic()], threading.Lock(), time.monotonic()
+
+    def on_read(n: int) -> None:
+        with lock:
+            done[0] += n
+            if time.monotonic() - done[1] >= CHECKSUM_PROGRESS_S:
+                done[1] = time.monotonic()
+                logger.warning("verifying %s: %.2f of %.2f GB checked", path, done[0] / 1e9, total / 1e9)
+
+    workers = max(1, min(len(files), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        actual = dict(zip(files, pool.map(lambda f: sha256_file(f, on_read=on_read), files.values())))
+    for name, file in files.items():
+        if actual[name] != entries[name]:
+            raise DatabaseLoadError(
+                f"{file}: checksum mismatch (manifest sha256 {entries[name]}, file has {actual[name]}); "
+                "the database is corrupt (rebuild it)"
+            )
+    logger.info("verified %d files of %s (%.2f GB) in %.1f s", len(files), path, total / 1e9, time.monotonic() - started)
 
 
 VALUE_CHECK_ROWS = 8192
@@ -142,25 +234,25 @@ VALUE_CHECK_ROWS = 8192
 
 def verify_values(path: Path, store: MemmapFeatureStore, *, features: bool = True) -> None:
     """Refuse a database whose values cannot be served: every text key finite and of unit
-    norm, every H-feature (and latent) finite. Raises :class:`IndexLoadError` naming the file
+    norm, every H-feature (and latent) finite. Raises :class:`DatabaseLoadError` naming the file
     and the first bad row. ``features=False`` checks the keys only (they are small)."""
-    from imageragturbo.index.searchers import UNIT_NORM_TOLERANCE
+    from imageragturbo.retrieval.searchers import UNIT_NORM_TOLERANCE
 
     arrays = {name: a for name, a in store.arrays.items() if features or name == "text_emb"}
     for name, array in arrays.items():
-        file = path / store.manifest["arrays"][name]["file"]
+        file = inside(path, store.manifest["arrays"][name]["file"], str(path / MANIFEST))
         for start in range(0, array.shape[0], VALUE_CHECK_ROWS):
             chunk = np.asarray(array[start : start + VALUE_CHECK_ROWS], dtype=np.float32).reshape(len(array[start : start + VALUE_CHECK_ROWS]), -1)
             finite = np.isfinite(chunk).all(axis=1)
             if not finite.all():
                 row = start + int(np.flatnonzero(~finite)[0])
-                raise IndexLoadError(f"{file}: row {row} holds NaN or infinite values; the database is corrupt (rebuild it)")
+                raise DatabaseLoadError(f"{file}: row {row} holds NaN or infinite values; the database is corrupt (rebuild it)")
             if name == "text_emb":
-                norms = np.linalg.norm(chunk, axis=1)
+                norms = np.linalg.norm(chunk.astype(np.float64), axis=1)  # float64: a huge value must not overflow
                 bad = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
                 if bad.any():
                     row = start + int(np.flatnonzero(bad)[0])
-                    raise IndexLoadError(f"{file}: row {row} has norm {norms[bad][0]:.6g}, keys must be unit vectors; "
+                    raise DatabaseLoadError(f"{file}: row {row} has norm {norms[bad][0]:.6g}, keys must be unit vectors; "
                                          "the database is corrupt (rebuild it)")
     logger.info("checked the values of %s (%s)", path, ", ".join(arrays))
 
@@ -185,7 +277,7 @@ def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class MemmapFeatureStore:
-    """A :class:`~imageragturbo.index.protocols.FeatureStore` over memory-mapped ``.npy`` arrays.
+    """A :class:`~imageragturbo.retrieval.protocols.FeatureStore` over memory-mapped ``.npy`` arrays.
 
     Opening it maps the arrays (nothing is read until rows are gathered) and checks each array's
     shape and dtype against the manifest; :meth:`verify` recomputes the checksums. A gather of
@@ -200,19 +292,19 @@ class MemmapFeatureStore:
         self.arrays: dict[str, np.ndarray] = {}
         for name in ARRAYS:
             spec = self.manifest["arrays"][name]
-            file = self.path / spec["file"]
+            file = inside(self.path, spec["file"], f"{self.path / MANIFEST}: arrays.{name}.file")
             try:
                 array = np.load(file, mmap_mode="r", allow_pickle=False)
             except FileNotFoundError as exc:
-                raise IndexLoadError(f"{file}: listed in the manifest but missing") from exc
+                raise DatabaseLoadError(f"{file}: listed in the manifest but missing") from exc
             except ValueError as exc:
-                raise IndexLoadError(f"{file}: not a readable .npy array ({exc})") from exc
+                raise DatabaseLoadError(f"{file}: not a readable .npy array ({exc})") from exc
             if list(array.shape) != list(spec["shape"]) or str(array.dtype) != spec["dtype"]:
-                raise IndexLoadError(
+                raise DatabaseLoadError(
                     f"{file}: array is {array.dtype} {list(array.shape)}, the manifest says {spec['dtype']} {spec['shape']}"
                 )
             if array.shape[0] != self.count:
-                raise IndexLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
+                raise DatabaseLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
             self.arrays[name] = array
         # Gathers read plain ndarrays: indexing an np.memmap runs its Python-level subclass
         # hooks on every request (more than half of a 4-row gather). Small arrays are read
@@ -230,7 +322,7 @@ class MemmapFeatureStore:
         file = self.path / name
         values = read_json(file, "string list")
         if not isinstance(values, list) or len(values) != self.count or not all(isinstance(v, str) for v in values):
-            raise IndexLoadError(f"{file}: expected a JSON list of {self.count} strings")
+            raise DatabaseLoadError(f"{file}: expected a JSON list of {self.count} strings")
         return values
 
     def verify(self) -> None:
@@ -280,16 +372,16 @@ def load_database(
 
     ``verify`` recomputes every checksum first (seconds per GB). ``model_id``, when given, must
     equal the id the database was built with (a pipeline checks this again on ``add_database``).
-    Raises :class:`IndexLoadError` naming the folder and what is wrong.
+    Raises :class:`DatabaseLoadError` naming the folder and what is wrong.
     """
-    from imageragturbo.index.searchers import load_searcher
+    from imageragturbo.retrieval.searchers import load_searcher
 
     path = Path(path)
     manifest = read_manifest(path)
     if model_id is not None and manifest["model_id"] != model_id:
-        raise IndexLoadError(
-            f"index {path} was built with model {manifest['model_id']}, but the model is {model_id}; "
-            f"rebuild the index with this model: {rebuild_command(path, manifest)}"
+        raise DatabaseLoadError(
+            f"database {path} was built with model {manifest['model_id']}, but the model is {model_id}; "
+            f"rebuild the database with this model: {rebuild_command(path, manifest)}"
         )
     if verify:
         verify_checksums(path, manifest)
@@ -297,12 +389,31 @@ def load_database(
     # The keys are checked at every load (N x D floats: milliseconds for the bundled databases);
     # the features with ``verify``, as the checksums.
     verify_values(path, store, features=verify)
-    searcher = load_searcher(manifest["searcher"], path / SEARCHER_DIR, store)
+    try:
+        searcher = load_searcher(manifest["searcher"], path / SEARCHER_DIR, store)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise DatabaseLoadError(f"{path / SEARCHER_DIR}: cannot load the {manifest['searcher']['kind']!r} searcher: {exc}") from exc
     logger.info(
-        "loaded index %r from %s: %d entries, searcher %s, model %s",
+        "loaded database %r from %s: %d entries, searcher %s, model %s",
         name, path, len(store), manifest["searcher"]["kind"], store.model_id,
     )
     return RetrievalDatabase(name, searcher, store)
+
+
+def check_database(path: str | Path, *, model_id: str | None = None) -> dict:
+    """Every check ``serve`` runs before it serves ``path`` (manifest, checksums, values,
+    searcher kind and assets, and with ``model_id`` the model identity); the manifest's summary.
+    Raises :class:`DatabaseLoadError` naming the file and the problem."""
+    database = load_database(Path(path).name, path, verify=True, model_id=model_id)
+    manifest = database.store.manifest
+    return {
+        "path": str(path),
+        "ok": True,
+        "count": manifest["count"],
+        "model_id": manifest["model_id"],
+        "searcher": manifest["searcher"],
+        "arrays": {name: [spec["dtype"], spec["shape"]] for name, spec in manifest["arrays"].items()},
+    }
 
 
 def rebuild_command(path: Path, manifest: dict, model_dir: str | Path | None = None) -> str:
@@ -343,9 +454,9 @@ def model_databases(model_dir: str | Path) -> list[str]:
             try:
                 default = json.loads(listing.read_text())["default"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise IndexLoadError(f"{listing}: expected {{\"default\": NAME}}: {exc}") from exc
+                raise DatabaseLoadError(f"{listing}: expected {{\"default\": NAME}}: {exc}") from exc
             if default not in names:
-                raise IndexLoadError(f"{listing}: default database {default!r} is not one of {names} in {root}")
+                raise DatabaseLoadError(f"{listing}: default database {default!r} is not one of {names} in {root}")
         names.sort(key=lambda name: name != default)
         return [f"{name}={root / name}" for name in names]
     legacy = model_dir / LEGACY_DATABASE_DIR
@@ -356,23 +467,23 @@ def write_databases_file(model_dir: str | Path, default: str) -> None:
     """Name ``default`` as the model's default database (``databases/databases.json``)."""
     root = Path(model_dir) / DATABASES_DIR
     if not (root / default / MANIFEST).is_file():
-        raise IndexLoadError(f"no database {default!r} in {root}")
+        raise DatabaseLoadError(f"no database {default!r} in {root}")
     tmp = root / (DATABASES_FILE + ".tmp")
     tmp.write_text(json.dumps({"default": default}, indent=2) + "\n")
     os.replace(tmp, root / DATABASES_FILE)
 
 
-def parse_index_spec(spec: str) -> tuple[str, Path]:
+def parse_database_spec(spec: str) -> tuple[str, Path]:
     """``"NAME=DIR"`` -> (NAME, DIR); a bare ``"DIR"`` is named after the folder."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"an index spec must be NAME=DIR or DIR, got {spec!r}")
+        raise ConfigError(f"a database spec must be NAME=DIR or DIR, got {spec!r}")
     name, sep, folder = spec.partition("=")
     if not sep:
         path = Path(spec)
         name = path.resolve().name
         if not name:
-            raise ValueError(f"cannot name the index {spec!r} after its folder; write NAME={spec}")
+            raise ConfigError(f"cannot name the database {spec!r} after its folder; write NAME={spec}")
         return name, path
     if not name.strip() or not folder.strip():
-        raise ValueError(f"an index spec must be NAME=DIR with both parts non-empty, got {spec!r}")
+        raise ConfigError(f"a database spec must be NAME=DIR with both parts non-empty, got {spec!r}")
     return name.strip(), Path(folder)

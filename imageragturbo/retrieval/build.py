@@ -3,7 +3,7 @@
 Crash safety, step by step:
 
 1. Everything is written into a sibling folder ``.<name>.partial`` that has no manifest until
-   the very end, so it never loads as an index (:func:`imageragturbo.index.disk.read_manifest`
+   the very end, so it never loads as an index (:func:`imageragturbo.retrieval.disk.read_manifest`
    refuses a folder without ``manifest.json``).
 2. Rows are computed in chunks; each chunk is one ``.npz`` written under a temporary name,
    fsynced and renamed, so a chunk on disk is always whole. ``build-state.json`` records what
@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imageragturbo.errors import ImageRagTurboError
-from imageragturbo.index.disk import (
+from imageragturbo.retrieval.disk import (
     ARRAYS,
     FORMAT,
     FORMAT_VERSION,
@@ -40,7 +40,8 @@ from imageragturbo.index.disk import (
     sha256_file,
     write_text_durably,
 )
-from imageragturbo.index.searchers import ScannSpec, build_searcher, resolve_kind
+from imageragturbo.retrieval.protocols import RowEncoder
+from imageragturbo.retrieval.searchers import ScannSpec, build_searcher, resolve_kind
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ CHUNKS = "chunks"
 DTYPES = {"text_emb": np.float32, "z0": np.float16, "h_retr": np.float16}
 
 
-class IndexBuildError(ImageRagTurboError, ValueError):
+class DatabaseBuildError(ImageRagTurboError, ValueError):
     """A build cannot start or continue; the message says why and what to do."""
 
 
@@ -67,13 +68,13 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def model_pixel_size(pipe) -> tuple[int, int]:
+def model_pixel_size(encoder: RowEncoder) -> tuple[int, int]:
     """The image size (H, W) whose VAE latent has the UNet's sample size, measured by encoding a
     blank image (VAE down-sampling factors differ between AutoencoderKL and AutoencoderTiny)."""
     probe = 64
-    z = pipe.encode_images(np.zeros((1, probe, probe, 3), np.uint8))
+    z = encoder.encode_images(np.zeros((1, probe, probe, 3), np.uint8))
     factor = probe // z.shape[-1]
-    _, h, w = pipe.latent_shape
+    _, h, w = encoder.latent_shape
     return h * factor, w * factor
 
 
@@ -93,12 +94,12 @@ def _load_chunk(folder: Path, index: int) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def _compute_chunk(pipe, source, start: int, stop: int, size: tuple[int, int], batch_size: int) -> dict[str, np.ndarray]:
+def _compute_chunk(encoder: RowEncoder, source, start: int, stop: int, size: tuple[int, int], batch_size: int) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {name: [] for name in (*ARRAYS, "captions", "source_ids")}
     for lo in range(start, stop, batch_size):
         batch = source.read(lo, min(stop, lo + batch_size), size)
-        z0 = pipe.encode_images(batch.images)
-        e, h_retr = pipe.encode_database_rows(z0, batch.captions)
+        z0 = encoder.encode_images(batch.images)
+        e, h_retr = encoder.encode_database_rows(z0, batch.captions)
         parts["text_emb"].append(e.cpu().numpy().astype(DTYPES["text_emb"]))
         parts["z0"].append(z0.cpu().numpy().astype(DTYPES["z0"]))
         parts["h_retr"].append(h_retr.cpu().numpy().astype(DTYPES["h_retr"]))
@@ -126,7 +127,7 @@ def _start_or_resume(tmp: Path, state: dict, resume: bool) -> int:
             return done
         if resume:
             differs = sorted(k for k in state if old_state is None or old_state.get(k) != state[k])
-            raise IndexBuildError(
+            raise DatabaseBuildError(
                 f"cannot resume {tmp}: it holds a build of something else (differs in {differs}); "
                 "run without --resume to start over"
             )
@@ -161,7 +162,7 @@ def _assemble(tmp: Path, num_chunks: int, count: int) -> dict[str, dict]:
         source_ids.extend(chunk["source_ids"].tolist())
         row += n
     if row != count:
-        raise IndexBuildError(f"chunks in {chunks} hold {row} rows, expected {count}; rerun without --resume")
+        raise DatabaseBuildError(f"chunks in {chunks} hold {row} rows, expected {count}; rerun without --resume")
     for array in outputs.values():
         array.flush()
     outputs.clear()  # unmap before hashing and renaming
@@ -180,8 +181,8 @@ def _assemble(tmp: Path, num_chunks: int, count: int) -> dict[str, dict]:
     return entries
 
 
-def build_index(
-    pipe,
+def build_database(
+    encoder: RowEncoder,
     source,
     out: str | Path,
     *,
@@ -193,22 +194,23 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
 ) -> BuildResult:
-    """Build the database folder ``out`` from ``source`` (see :mod:`imageragturbo.index.pairs`)
-    with the model of ``pipe`` (a :class:`~imageragturbo.model.RagTurboPipeline`)."""
+    """Build the database folder ``out`` from ``source`` (see :mod:`imageragturbo.retrieval.pairs`)
+    with the model behind ``encoder`` (a :class:`~imageragturbo.retrieval.protocols.RowEncoder`,
+    such as :class:`~imageragturbo.model.RagTurboPipeline`)."""
     started = time.perf_counter()
     out = Path(out)
     if batch_size < 1 or chunk_size < 1:
-        raise IndexBuildError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+        raise DatabaseBuildError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     if out.exists() and not overwrite:
-        raise IndexBuildError(f"{out} already exists; pass --overwrite to replace it")
+        raise DatabaseBuildError(f"{out} already exists; pass --overwrite to replace it")
     count = len(source)
     kind = resolve_kind(searcher, count)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)
-    size = model_pixel_size(pipe)
+    size = model_pixel_size(encoder)
     state = {
         "format_version": FORMAT_VERSION,
-        "model_id": pipe.components.model_id,
+        "model_id": encoder.model_id,
         "source": source.description,
         "count": count,
         "chunk_size": chunk_size,
@@ -224,7 +226,7 @@ def build_index(
     bar = tqdm(total=count, initial=min(count, done * chunk_size), unit="pair", desc=f"build {out.name}", disable=not progress)
     for index in range(done, num_chunks):
         start, stop = index * chunk_size, min(count, (index + 1) * chunk_size)
-        _save_chunk(tmp / CHUNKS, index, _compute_chunk(pipe, source, start, stop, size, batch_size))
+        _save_chunk(tmp / CHUNKS, index, _compute_chunk(encoder, source, start, stop, size, batch_size))
         bar.update(stop - start)
     bar.close()
 
@@ -245,8 +247,8 @@ def build_index(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": pipe.components.model_id,
-        "model_dir": str(pipe.components.model_dir),
+        "model_id": encoder.model_id,
+        "model_dir": str(encoder.model_dir),
         "count": count,
         "text_dim": arrays["text_emb"]["shape"][1],
         "h_shape": arrays["h_retr"]["shape"][1:],
