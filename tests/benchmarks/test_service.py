@@ -1,6 +1,8 @@
 import os
 
-from imageragturbo.benchmarks.service import other_busy_processes, parse_server_timing, update_markdown
+from imageragturbo.benchmarks.conditions import other_busy_processes
+from imageragturbo.benchmarks.load import parse_server_timing
+from imageragturbo.benchmarks.service_report import update_markdown
 
 
 def test_parse_server_timing():
