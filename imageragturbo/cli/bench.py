@@ -1,4 +1,4 @@
-"""`imageragturbo bench latency | retrieval | service`: what imageragturbo.benchmarks measures."""
+"""`imageragturbo bench latency | retrieval | service | soak`: what imageragturbo.benchmarks measures."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def register(sub) -> None:
     _register_latency(bench)
     _register_retrieval(bench)
     _register_service(bench)
+    _register_soak(bench)
 
 
 def _register_latency(bench) -> None:
@@ -147,4 +148,26 @@ def service(args) -> int:
         f"c8/c1 {result.speedup_c8_over_c1}x; wrote {args.json} and {args.md}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _register_soak(bench) -> None:
+    s = bench.add_parser("soak", help="a bounded load with faults against a real server, then SIGTERM with requests in flight")
+    options.add_model(s, help="model for the server the bench starts (default: IRT_MODEL or the bundled model)")
+    s.add_argument("--requests", type=int, default=4000, help="requests in the load, normal and faulty (default 4000)")
+    s.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each (default 8)")
+    s.add_argument("--out", type=Path, default=None, help="results page to put the model's section in, e.g. results/soak.md")
+    s.add_argument("--json", type=Path, default=None, help="write the results as JSON here (and the server's log beside it)")
+    s.set_defaults(handler=soak)
+
+
+def soak(args) -> int:
+    from imageragturbo.benchmarks.soak import SoakOptions, run
+    from imageragturbo.benchmarks.soak_report import render_markdown
+
+    result = run(SoakOptions(model=args.model, requests=args.requests, concurrency=args.concurrency, out=args.out,
+                             json=args.json))
+    print(render_markdown(result))
+    wrote = [str(path) for path in (args.out, args.json) if path is not None]
+    print(f"targets: {result.targets}" + (f"; wrote {' and '.join(wrote)}" if wrote else ""), file=sys.stderr)
     return 0
