@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from imageragturbo.errors import ConfigError, RequestError
+from imageragturbo.model.batch_invariance import batch_invariant, make_batch_invariant
 from imageragturbo.model.denoiser import MODES, RagDenoiser
 from imageragturbo.model.images import images_to_tensor, tensor_to_images
 from imageragturbo.model.loading import ModelComponents, load_model
@@ -97,8 +98,19 @@ class RagTurboPipeline:
     see :meth:`use_engines`.
     """
 
-    def __init__(self, components: ModelComponents, databases: Sequence[RetrievalDatabase] = (), engines=None):
+    def __init__(
+        self,
+        components: ModelComponents,
+        databases: Sequence[RetrievalDatabase] = (),
+        engines=None,
+        *,
+        batch_invariant: bool = True,
+    ):
         self.components = components
+        self.batch_invariant = batch_invariant
+        """Compute every image exactly as it would be computed alone, in any batch (on by
+        default; off trades that for the stock kernels' faster batches)."""
+        make_batch_invariant(components.text_encoder, components.unet, components.adapter, components.vae)
         self.encoder = PromptEncoder(components.tokenizer, components.text_encoder)
         self._torch_encoder = self.encoder
         self.engines = None
@@ -213,53 +225,55 @@ class RagTurboPipeline:
         device = self.device
         batch = len(prompts)
 
-        # 2. encode text: cross-attention context and the retrieval query from one pass
-        with clock.stage("text_encode"):
-            encoded = self.encoder(prompts)
-            ctx = encoded.ctx
+        # Every image as it would be alone, in any batch (model/batch_invariance.py).
+        with batch_invariant(self.batch_invariant):
+            # 2. encode text: cross-attention context and the retrieval query from one pass
+            with clock.stage("text_encode"):
+                encoded = self.encoder(prompts)
+                ctx = encoded.ctx
 
-        # 3. retrieve: k neighbours, their stored H-features and the gate lambda
-        h_retr = lam = None
-        neighbors: list[list[Neighbor]] = [[] for _ in prompts]
-        if mode != "off":
-            with clock.stage("retrieve"):
-                found = self.databases.resolve(database).retrieve(
-                    encoded.q.cpu().numpy(), INJECT_K if mode == "inject" else k, texts=prompts
-                )
-                lam = torch.from_numpy(found.gate)
-                h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
-                neighbors = [
-                    [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
-                    for srow, crow, xrow in zip(found.source_ids(), found.captions(), found.scores)
-                ]
+            # 3. retrieve: k neighbours, their stored H-features and the gate lambda
+            h_retr = lam = None
+            neighbors: list[list[Neighbor]] = [[] for _ in prompts]
+            if mode != "off":
+                with clock.stage("retrieve"):
+                    found = self.databases.resolve(database).retrieve(
+                        encoded.q.cpu().numpy(), INJECT_K if mode == "inject" else k, texts=prompts
+                    )
+                    lam = torch.from_numpy(found.gate)
+                    h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
+                    neighbors = [
+                        [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
+                        for srow, crow, xrow in zip(found.source_ids(), found.captions(), found.scores)
+                    ]
 
-        # 4. noise from the seeds: one generator per item, so batching never changes an image
-        generators = seed_generators(seeds)
-        z_t = draw(generators, self.latent_shape).to(device, ctx.dtype)
+            # 4. noise from the seeds: one generator per item, so batching never changes an image
+            generators = seed_generators(seeds)
+            z_t = draw(generators, self.latent_shape).to(device, ctx.dtype)
 
-        # 5.-7. UNet encoder -> adapter | injection | nothing -> UNet decoder, x0 from the output
-        timesteps = few_step_timesteps(steps, self.num_train_timesteps)
-        w = torch.as_tensor(inject_w, dtype=torch.float32).reshape(-1).expand(batch).to(device)
-        lam_dev = lam.to(device) if lam is not None else None
-        denoiser = self.denoisers[mode]
-        with clock.stage("denoise"):
-            for i, t in enumerate(timesteps):
-                t_batch = torch.full((batch,), t, dtype=torch.int64, device=device)
-                model_output = self.denoise(denoiser, z_t, t_batch, ctx, h_retr, lam_dev, w)
-                z0 = self.schedule.predict_x0(model_output, z_t, t)
-                if i + 1 < len(timesteps):
-                    # Few-step sampling re-noises x0 to the next level with fresh noise from
-                    # each item's own generator (as ADD/LCM sample).
-                    noise = draw(generators, self.latent_shape)
-                    z_t = self.schedule.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
+            # 5.-7. UNet encoder -> adapter | injection | nothing -> UNet decoder, x0 from the output
+            timesteps = few_step_timesteps(steps, self.num_train_timesteps)
+            w = torch.as_tensor(inject_w, dtype=torch.float32).reshape(-1).expand(batch).to(device)
+            lam_dev = lam.to(device) if lam is not None else None
+            denoiser = self.denoisers[mode]
+            with clock.stage("denoise"):
+                for i, t in enumerate(timesteps):
+                    t_batch = torch.full((batch,), t, dtype=torch.int64, device=device)
+                    model_output = self.denoise(denoiser, z_t, t_batch, ctx, h_retr, lam_dev, w)
+                    z0 = self.schedule.predict_x0(model_output, z_t, t)
+                    if i + 1 < len(timesteps):
+                        # Few-step sampling re-noises x0 to the next level with fresh noise from
+                        # each item's own generator (as ADD/LCM sample).
+                        noise = draw(generators, self.latent_shape)
+                        z_t = self.schedule.add_noise(z0, noise.to(device, z0.dtype), timesteps[i + 1])
 
-        # 8. VAE decode
-        with clock.stage("vae_decode"):
-            pixels = self.vae_decode(z0)
+            # 8. VAE decode
+            with clock.stage("vae_decode"):
+                pixels = self.vae_decode(z0)
 
-        # 9. uint8 images
-        with clock.stage("postprocess"):
-            images = tensor_to_images(pixels)
+            # 9. uint8 images
+            with clock.stage("postprocess"):
+                images = tensor_to_images(pixels)
 
         return GenerationResult(
             images=images,

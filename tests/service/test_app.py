@@ -90,8 +90,7 @@ def test_concurrent_requests_are_batched_and_get_the_image_they_get_alone(server
     assert sum1 - sum0 == 8 and count1 - count0 < 8, "the 8 requests were not batched"
     for i, response in enumerate(responses):
         alone = tiny_pipe([prompts[i]], [1000 + i], mode="inject", inject_w=weights[i]).images[0]
-        # The pipeline's own batch-vs-single test allows float rounding of one grey level.
-        assert np.abs(_png(response.content).astype(int) - alone.astype(int)).max() <= 1
+        assert np.array_equal(_png(response.content), alone)  # bit for bit, batched or not
 
 
 BAD_INPUTS = [

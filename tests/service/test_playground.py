@@ -107,7 +107,7 @@ def test_playground_database_k_w_controls_neighbour_pictures_and_unknown_words(c
         expected = pipe(["Two blue squares"], [11], mode="inject", inject_w=0.5, database="dim")
         image = expected.images[0]
         rgb = _shown_pixels(page, image.shape)
-        assert np.abs(rgb.astype(int) - image.astype(int)).max() <= 1
+        assert np.array_equal(rgb, image)
         assert page.eval("getComputedStyle(document.getElementById('placeholder')).display") == "none"
         # The neighbour (inject: the top-1) with its picture, decoded from its stored latent.
         ids = page.eval("Array.from(document.querySelectorAll('#neighbors li .score')).map(s => s.textContent)")
