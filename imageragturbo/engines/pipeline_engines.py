@@ -18,6 +18,7 @@ from imageragturbo.engines.export import check_source, read_manifest
 from imageragturbo.engines.graphs import DENOISE_GRAPHS, build_graphs
 from imageragturbo.engines.protocol import ENGINE_KINDS, Engine, EngineLoadError
 from imageragturbo.engines.torch_engine import TorchEngine
+from imageragturbo.model import batch_invariance
 from imageragturbo.model.loading import ModelComponents
 from imageragturbo.model.text import EncodedPrompts, PromptEncoder
 
@@ -44,10 +45,24 @@ class EnginePromptEncoder:
         return self._tokenize(prompts)
 
     def __call__(self, prompts: list[str]) -> EncodedPrompts:
-        out = self.engine.run({"input_ids": self.tokenize(prompts).numpy()})
+        out = run_per_item(self.engine, {"input_ids": self.tokenize(prompts).numpy()})
         return EncodedPrompts(
             ctx=torch.from_numpy(out["ctx"]).to(self.device), q=torch.from_numpy(out["q"]).to(self.device)
         )
+
+
+def run_per_item(engine: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``engine.run(feeds)``; inside ``batch_invariant()`` a GPU graph (TensorRT, ONNX Runtime's
+    CUDA or TensorRT provider, whose kernels are chosen per batch shape) runs once per item, so
+    an item's output never depends on its batch (every feed's first axis is the batch). The
+    torch engine runs the pipeline's own batch-invariant layers, and ONNX Runtime's CPU kernels
+    compute each item alone already (tests/engines/test_pipeline_engines.py); neither loops."""
+    batch = next(iter(feeds.values())).shape[0]
+    per_item_already = isinstance(engine, TorchEngine) or getattr(engine, "provider", None) == "cpu"
+    if not batch_invariance.active() or batch == 1 or per_item_already:
+        return engine.run(feeds)
+    outs = [engine.run({name: value[i : i + 1] for name, value in feeds.items()}) for i in range(batch)]
+    return {name: np.concatenate([out[name] for out in outs]) for name in outs[0]}
 
 
 class PipelineEngines:
@@ -81,12 +96,12 @@ class PipelineEngines:
             if bool(((w <= 0) | (w > 1)).any()):
                 raise ValueError(f"inject w must be in (0, 1], got {w.tolist()}")
             feeds.update(h_retr=_np(h_retr[:, :1], torch.float32), inject_w=np.broadcast_to(w, (z_t.shape[0],)))
-        out = self.engines[DENOISE_GRAPHS[mode]].run(feeds)["model_output"]
+        out = run_per_item(self.engines[DENOISE_GRAPHS[mode]], feeds)["model_output"]
         return torch.from_numpy(out).to(z_t.device)
 
     def vae_decode(self, z0: torch.Tensor) -> torch.Tensor:
         """Scaled latents float [B, c, h, w] -> pixels float [B, 3, H, W]."""
-        out = self.engines["vae_decode"].run({"z0": _np(z0, torch.float32)})["pixels"]
+        out = run_per_item(self.engines["vae_decode"], {"z0": _np(z0, torch.float32)})["pixels"]
         return torch.from_numpy(out).to(z0.device)
 
 

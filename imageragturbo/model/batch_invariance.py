@@ -15,8 +15,8 @@ whatever batch it is in:
 The rest of the work (attention, element-wise ops, the VAE's and the UNet's other layers)
 already computes each image on its own. Outside the context the layers are the stock ones
 (training and export are untouched).
-:func:`make_batch_invariant` switches a model's layers to these classes in place; what it
-costs is printed by ``imageragturbo bench latency``.
+:func:`make_batch_invariant` switches a model's layers to these classes in place. The price
+is batching's speed-up (the per-image calls): results/batch-invariance.md.
 """
 
 from __future__ import annotations

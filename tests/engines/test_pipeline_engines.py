@@ -109,3 +109,39 @@ def test_generate_cli_on_onnxruntime_matches_torch_within_one_grey_level(exporte
                  "--engine", "onnxruntime", "--engine-dir", str(tmp_path / "none")])
     assert code == 2 and "manifest.json is missing" in capsys.readouterr().err
     assert hashlib.sha256((tmp_path / "torch.png").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["off", "adapter", "inject"])
+def test_onnxruntime_images_do_not_depend_on_the_batch(pipes, mode):
+    _, ort_pipe = pipes
+    prompts, seeds = PROMPTS * 2, [3, 4, 5, 6, 7, 8]
+    for k in (1, 2, 3):
+        alone = [ort_pipe([p], [s], mode=mode, k=k).images[0] for p, s in zip(prompts, seeds)]
+        for size in (2, 3, 6):
+            batch = ort_pipe(prompts[:size], seeds[:size], mode=mode, k=k).images
+            assert all(np.array_equal(b, a) for b, a in zip(batch, alone)), (mode, k, size)
+
+
+def test_gpu_graphs_run_once_per_item_inside_batch_invariant():
+    from imageragturbo.engines.pipeline_engines import run_per_item
+    from imageragturbo.model.batch_invariance import batch_invariant
+
+    class Recording:
+        provider = "cuda"
+
+        def __init__(self):
+            self.batches = []
+
+        def run(self, feeds):
+            self.batches.append(feeds["x"].shape[0])
+            return {"y": feeds["x"] * 2}
+
+    engine, x = Recording(), np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(run_per_item(engine, {"x": x})["y"], x * 2)
+    with batch_invariant():
+        np.testing.assert_array_equal(run_per_item(engine, {"x": x})["y"], x * 2)
+    assert engine.batches == [3, 1, 1, 1]
+    engine.provider = "cpu"
+    with batch_invariant():
+        run_per_item(engine, {"x": x})
+    assert engine.batches[-1] == 3
