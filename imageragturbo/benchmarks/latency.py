@@ -265,7 +265,8 @@ class LatencyBenchOptions:
     io_binding: bool
     ort_static_shapes: bool
     """Pin onnxruntime's batch and k axes to 1 and ``k`` (the protocol is batch 1)."""
-    device: str
+    device: str | None
+    """Where the torch modules run (None: IRT_DEVICE, else cpu)."""
     trt_precision: str
     trt_cuda_graph: bool
     profile: int

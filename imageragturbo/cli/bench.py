@@ -35,7 +35,7 @@ def _register_latency(bench) -> None:
     p.add_argument("--no-io-binding", action="store_true", help="onnxruntime: session.run instead of IO binding")
     p.add_argument("--ort-dynamic-shapes", action="store_true",
                    help="onnxruntime: keep batch and k dynamic (default: pinned to 1 and -k, as the protocol is batch 1)")
-    p.add_argument("--device", default="cpu", help="where the torch modules run (cpu, cuda); engines pick their own device")
+    options.add_device(p)
     p.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16", help="tensorrt: builder precision")
     p.add_argument("--trt-cuda-graph", action="store_true", help="tensorrt: capture and replay a CUDA graph per input shape")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -113,6 +113,7 @@ def _register_service(bench) -> None:
     b = bench.add_parser("service", help="closed-loop HTTP load on loopback: throughput and latency per concurrency")
     b.add_argument("--url", default=None, help="an already running server (default: start one on a free loopback port)")
     options.add_model(b, help="model for the server the bench starts (default: as serve)")
+    options.add_device(b)
     options.add_databases(b, help="as for serve")
     options.add_engine(b, default=None, help="serve --engine for the server the bench starts (default: torch)",
                        dir_help="serve --engine-dir for the server the bench starts")
@@ -154,10 +155,11 @@ def service(args) -> int:
 def _register_soak(bench) -> None:
     s = bench.add_parser("soak", help="a bounded load with faults against a real server, then SIGTERM with requests in flight")
     options.add_model(s, help="model for the server the bench starts (default: IRT_MODEL or the bundled model)")
+    options.add_device(s)
     s.add_argument("--requests", type=int, default=4000, help="requests in the load, normal and faulty (default 4000)")
     s.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each (default 8)")
     s.add_argument("--out", type=Path, default=None, help="results page to put the model's section in, e.g. results/soak.md")
-    s.add_argument("--json", type=Path, default=None, help="write the results as JSON here (and the server's log beside it)")
+    s.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     s.set_defaults(handler=soak)
 
 

@@ -21,6 +21,7 @@ def register(sub) -> None:
                        help="build a retrieval database folder (text embeddings, latents, H-features, searcher)")
     p.add_argument("--out", type=Path, required=True, help="database folder to create")
     options.add_model(p)
+    options.add_device(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", type=int, metavar="N", help="N pairs of the shapes world's database split")
     source.add_argument("--pairs", type=Path, metavar="PATH",

@@ -10,6 +10,7 @@ from imageragturbo.cli import options
 
 def _add_model_and_databases(p, n: int = 200) -> None:
     options.add_model(p)
+    options.add_device(p)
     options.add_databases(p, chooses=True, help="retrieval database (default: the model's own)")
     p.add_argument("-k", "--k", type=int, default=4, help="neighbours to retrieve")
     p.add_argument("--n", type=int, default=n, help="prompts per split")

@@ -12,6 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export the model's graphs to ONNX (text encoder, denoise per mode, VAE decoder) with a manifest")
     p.add_argument("--out", type=Path, required=True, help="export folder (replaced if it holds an earlier export)")
     options.add_model(p)
+    options.add_device(p, dtype=False)
     options.add_adapter_and_lora(p, lora_help="UNet-decoder LoRA directory, fused before export (default: <model>/unet_lora)")
     p.add_argument("--graphs", type=options.csv, default=None, help="comma-separated subset (default: every graph the model has)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --exporter dynamo)")

@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("-k", "--k", type=int, default=4, help="neighbours to retrieve")
     p.add_argument("--out", type=Path, required=True, help="output .png")
     options.add_model(p)
+    options.add_device(p)
     options.add_adapter_and_lora(p)
     options.add_databases(p, chooses=True, help="a retrieval database folder (default: the model's own)")
     p.add_argument("--verify-database", action="store_true", help="check every database file's checksum before use")

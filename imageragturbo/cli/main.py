@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from imageragturbo.cli import bench, build_database, export, generate, serve, train
+from imageragturbo.cli import bench, build_database, export, generate, options, serve, train
 from imageragturbo.cli import eval as eval_commands
 from imageragturbo.errors import ImageRagTurboError
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in renamed:
         print(f"imageragturbo: {args.command} is deprecated, use {renamed[args.command]}", file=sys.stderr)
     try:
+        options.apply_device(args)
         return args.handler(args)
     except ImageRagTurboError as exc:
         print(f"imageragturbo {args.command}: error: {exc}", file=sys.stderr)

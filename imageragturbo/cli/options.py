@@ -58,6 +58,39 @@ def model_dir(args: argparse.Namespace) -> Path:
     return args.model or default_model_dir()
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+"""The names ``model.device.DTYPES`` accepts (here as strings, so --help needs no torch)."""
+
+
+def add_device(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """``--device`` and ``--dtype``: for this command they are ``IRT_DEVICE`` / ``IRT_DTYPE``
+    (so the pipeline, the databases' gathers, the engines and any server it starts honour
+    them); applied and checked by :func:`apply_device` before the handler runs."""
+    parser.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
+                        help="where the torch modules run (default: IRT_DEVICE, else cpu)")
+    if dtype:
+        parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                            help="the torch modules' precision (default: IRT_DTYPE, else float32)")
+
+
+def apply_device(args: argparse.Namespace) -> None:
+    """Check ``--device`` / ``--dtype`` against this machine and make them this process's
+    ``IRT_DEVICE`` / ``IRT_DTYPE`` (a machine without CUDA is a one-line error here)."""
+    import os
+
+    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    if device is None and dtype is None:
+        return
+    from imageragturbo.model.device import resolve_device, resolve_dtype
+
+    if device is not None:
+        resolve_device(device)
+        os.environ["IRT_DEVICE"] = device
+    if dtype is not None:
+        resolve_dtype(dtype)
+        os.environ["IRT_DTYPE"] = dtype
+
+
 def add_mode(parser: argparse.ArgumentParser, *, extra: tuple[str, ...] = (), default: str | None, help: str | None = None) -> None:
     parser.add_argument("--mode", choices=(*extra, *MODES), default=default, help=help)
 

@@ -8,6 +8,7 @@ from imageragturbo.cli import options
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve POST /generate, /metrics, /healthz, /readyz and the playground over HTTP")
     options.add_model(p)
+    options.add_device(p)
     options.add_databases(
         p,
         help="a retrieval database to serve under NAME (the first is the default; a bare DIR is named after its "

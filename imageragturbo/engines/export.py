@@ -29,6 +29,7 @@ import torch
 from imageragturbo.engines.graphs import DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, TorchGraph, build_graphs
 from imageragturbo.engines.protocol import EngineLoadError, StaleExportError
 from imageragturbo.errors import ImageRagTurboError
+from imageragturbo.model.device import resolve_device
 from imageragturbo.model.loading import ModelComponents, load_model
 
 logger = logging.getLogger(__name__)
@@ -365,6 +366,8 @@ def export_model_dir(
 ) -> ExportManifest:
     """:func:`export_model` of the model in ``model_dir`` (its adapter and LoRA, or the given
     ones, the LoRA fused). ``opset`` None: DEFAULT_OPSET, 18 with the dynamo exporter."""
-    components = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir)
+    # Traced in float32 (ONNX graphs are device-neutral; TensorRT builds fp16 from them), on
+    # --device / IRT_DEVICE.
+    components = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, device=resolve_device())
     opset = opset or (18 if exporter == "dynamo" else DEFAULT_OPSET)
     return export_model(components, out_dir, graphs=graphs, opset=opset, exporter=exporter, verify=verify)

@@ -157,12 +157,27 @@ def load_pipeline_engines(
     return PipelineEngines(kind, engines, device)
 
 
+def default_ort_provider(device: torch.device) -> str:
+    """ONNX Runtime's provider for a pipeline on ``device``: on CUDA its TensorRT provider
+    when onnxruntime-gpu has it and TensorRT is installed, else its CUDA provider; else CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    import importlib.util
+
+    import onnxruntime
+
+    has_trt = "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
+    return "tensorrt" if has_trt and importlib.util.find_spec("tensorrt") is not None else "cuda"
+
+
 def use_engine(pipe, kind: str, engine_dir: str | Path | None, **options) -> None:
     """Run ``pipe``'s text encoding, denoise and VAE decode on the ``kind`` engines ('torch': the
     pipeline's own modules, nothing to load). An engine that cannot load, or an export that
     lacks a mode the pipeline serves, raises EngineLoadError: never a silent fall-back to torch."""
     if kind == "torch":
         return
+    if kind == "onnxruntime" and "provider" not in options:
+        options["provider"] = default_ort_provider(pipe.device)
     try:
         engines = load_pipeline_engines(kind, engine_dir, pipe.components, **options)
     except EngineLoadError as exc:

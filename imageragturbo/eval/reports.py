@@ -17,7 +17,7 @@ def open_model(model_dir: Path, databases: Sequence[str] | None, *, base_only: b
     from imageragturbo.model.pipeline import open_pipeline
 
     pipe = open_pipeline(model_dir, databases=databases, base_only=base_only)
-    return pipe, load_teacher_unet(model_dir) if teacher else None
+    return pipe, load_teacher_unet(model_dir, dtype=pipe.dtype).to(pipe.device) if teacher else None
 
 
 def load_prompts(prompts: str, n: int) -> list[tuple[str, int]]:

@@ -133,7 +133,8 @@ def open_table_pipelines(model_dir: Path, databases: list[str] | None = None, ad
     }
     default = pipes["student"].databases.resolve()
     pipes["student"].add_database(RetrievalDatabase(RANDOM_DATABASE, RandomRowSearcher(len(default.store)), default.store))
-    return {"pipes": pipes, "teacher": load_teacher_unet(model_dir)}
+    student = pipes["student"]
+    return {"pipes": pipes, "teacher": load_teacher_unet(model_dir, dtype=student.dtype).to(student.device)}
 
 
 def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4, include_teacher: bool = True) -> dict:

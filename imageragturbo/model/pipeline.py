@@ -21,6 +21,7 @@ import torch
 from imageragturbo.errors import ConfigError, RequestError
 from imageragturbo.model.batch_invariance import batch_invariant, make_batch_invariant
 from imageragturbo.model.denoiser import MODES, RagDenoiser
+from imageragturbo.model.device import resolve_device, resolve_dtype
 from imageragturbo.model.images import images_to_tensor, tensor_to_images
 from imageragturbo.model.loading import ModelComponents, load_model
 from imageragturbo.model.noise import draw, latent_shape, seed_generators
@@ -137,8 +138,13 @@ class RagTurboPipeline:
         adapter_dir: str | Path | None = None,
         lora_dir: str | Path | None = None,
         databases: Sequence[RetrievalDatabase] = (),
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> RagTurboPipeline:
-        return cls(load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir), databases)
+        """``device`` / ``dtype``: None means ``IRT_DEVICE`` / ``IRT_DTYPE``, else cpu / float32."""
+        parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir,
+                           device=resolve_device(device), dtype=resolve_dtype(dtype))
+        return cls(parts, databases)
 
     @property
     def model_id(self) -> str:
@@ -147,6 +153,11 @@ class RagTurboPipeline:
     @property
     def model_dir(self) -> Path:
         return self.components.model_dir
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch modules' precision (the UNet's)."""
+        return next(self.components.unet.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +346,8 @@ def open_pipeline(
     lora_dir: str | Path | None = None,
     verify: bool = False,
     base_only: bool = False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> RagTurboPipeline:
     """A model directory and its retrieval databases, as the CLI and the server open them.
 
@@ -343,13 +355,15 @@ def open_pipeline(
     the model directory's own (``retrieval.disk.model_databases``). ``verify`` recomputes every
     database file's checksum and checks every feature value. Raises ``ModelLoadError`` or
     ``DatabaseLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves
-    out the adapter and the decoder LoRA: the plain one-step model. ``device`` is where the
-    torch modules run.
+    out the adapter and the decoder LoRA: the plain one-step model. ``device`` / ``dtype``
+    are where and in what precision the torch modules run (None: ``IRT_DEVICE`` /
+    ``IRT_DTYPE``, else cpu / float32).
     """
     from imageragturbo.retrieval.disk import DatabaseLoadError, load_database, model_databases, parse_database_spec
 
     model_dir = Path(model_dir)
-    parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only, device=device)
+    parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only,
+                       device=resolve_device(device), dtype=resolve_dtype(dtype))
     pipe = RagTurboPipeline(parts)
     for spec in model_databases(model_dir) if databases is None else databases:
         name, path = parse_database_spec(spec)
