@@ -108,6 +108,9 @@ class SoakResult:
     targets: dict[str, bool] = field(default_factory=dict)
     conditions: dict = field(default_factory=dict)
     server_log: str = ""
+    date: str = ""
+    code: str | None = None
+    """``git describe --always --dirty`` of the checkout the server ran from (None outside one)."""
 
     def by_class(self) -> dict[str, dict[str, int]]:
         """outcome -> {"normal", "on purpose", "unexpected"} -> count, over every kind."""
@@ -132,6 +135,21 @@ def _requests_by_status(url: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name == "irt_requests_total":
                 counts[sample.labels.get("status", "?")] = sample.value
+    return counts
+
+
+def _settled_requests_by_status(url: str, timeout_s: float = 15.0) -> dict[str, float]:
+    """:func:`_requests_by_status` once the server has finished what it still held: a client that
+    hung up has its answer (or its drop) counted only when the server gets to it, after the
+    client has moved on. Settled = the same counts twice, 0.2 s apart."""
+    deadline = time.monotonic() + timeout_s
+    counts = _requests_by_status(url)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = _requests_by_status(url)
+        if again == counts:
+            break
+        counts = again
     return counts
 
 
@@ -267,6 +285,17 @@ def sigterm_with_requests_in_flight(url: str, process, count: int, first: int, d
     )
 
 
+def _code_version() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def _settings() -> dict:
     """The server's settings: what `serve` reads from IRT_* (the bench passes no flags)."""
     from imageragturbo.service.settings import ServiceSettings
@@ -285,7 +314,7 @@ def run(options: SoakOptions) -> SoakResult:
     if not model_dir.is_dir():
         raise BenchError(f"model directory not found: {model_dir} (pass --model DIR)")
     headers = {"Authorization": f"Bearer {os.environ['IRT_API_KEY']}"} if os.environ.get("IRT_API_KEY") else {}
-    log_path = options.json.with_suffix(".server.log") if options.json else Path(tempfile.mkdtemp(prefix="irt-soak-")) / "server.log"
+    log_path = Path(tempfile.mkdtemp(prefix="irt-soak-")) / "server.log"  # evidence, not a result: kept, named in the JSON
     process, url = start_server(model_dir, [], {}, log_path)
     try:
         try:
@@ -296,12 +325,13 @@ def run(options: SoakOptions) -> SoakResult:
         result = SoakResult(
             model=model_dir.name, requests=options.requests, concurrency=options.concurrency, machine=service_fields(),
             server={key: info.get(key) for key in ("model", "engine", "threads", "modes", "default_mode", "databases")},
-            settings=_settings(), server_log=str(log_path),
+            settings=_settings(), server_log=str(log_path), date=time.strftime("%Y-%m-%d %H:%M %z"),
+            code=_code_version(),
         )
         start_snapshot = cpu_snapshot()
         before = _requests_by_status(url)
         run_load(url, result, databases, headers, process.pid)
-        after = _requests_by_status(url)
+        after = _settled_requests_by_status(url)
         result.server_counts = {s: after[s] - before.get(s, 0.0) for s in sorted(after) if after[s] - before.get(s, 0.0)}
         result.conditions = run_conditions(process.pid, start_snapshot)
         result.sigterm = sigterm_with_requests_in_flight(url, process, 2 * options.concurrency, options.requests,

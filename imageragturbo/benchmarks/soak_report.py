@@ -20,12 +20,12 @@ requests in 20, and in each 20 one of every fault (malformed JSON, wrong types, 
 the limit, a body over the cap, an unknown database, a client that hangs up in the middle of its
 body, one that hangs up while its request waits, one that sends its headers a line at a time).
 Every answer is counted by what it was: a normal answer (a normal request's 200, or a slow
-client's that the server waited for), what a fault was meant to cause, or unexpected. The server's RSS is read from /proc at a quarter of the requests
-and at the end. Then twice as many normal requests as clients are written on fresh connections
-and the server gets SIGTERM: each must still be answered (*lost*: written, never answered).
-Targets (issue #18): no 5xx but those a fault caused on purpose, none lost at SIGTERM, RSS growth
-at most 2% from a quarter of the requests to all of them. Reproduce with the command under each
-section.
+client's that the server waited for), what a fault was meant to cause, or unexpected. The
+server's RSS is read from /proc at a quarter of the requests and at the end. Then twice as many
+normal requests as clients are written on fresh connections and the server gets SIGTERM: each
+must still be answered (*lost*: written, never answered). Targets (issue #18): no 5xx but those
+a fault caused on purpose, none lost at SIGTERM, RSS growth at most 2% from a quarter of the
+requests to all of them. Reproduce with the command under each section.
 """
 
 
@@ -46,6 +46,7 @@ def render_markdown(result: SoakResult) -> str:
     lines = [
         f"### {result.model}: {result.requests:,} requests at concurrency {result.concurrency}",
         "",
+        f"Measured {result.date or 'n/a'} (code {result.code or 'n/a'}). "
         f"Machine: {machine['cpu']}, {machine['cores']} cores (shared with other jobs; load average at start "
         f"{machine['load_avg_at_start']}, at the end of the load {result.conditions.get('load_avg_at_end')}; "
         f"{describe_conditions(result.conditions)}). Server: `imageragturbo serve` started by the bench, engine "
