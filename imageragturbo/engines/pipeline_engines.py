@@ -116,6 +116,8 @@ def load_pipeline_engines(
     """Load the ``kind`` engines for ``components`` from the export in ``engine_dir``.
 
     - ``torch``: the reference modules (no export needed; ``engine_dir`` is ignored).
+    - ``torch-compile``: the same modules through ``torch.compile`` (no export needed; options
+      go to :class:`TorchCompileEngine`: ``mode``, ``backend``, ``buckets``).
     - ``onnxruntime``: options go to :class:`OrtEngine` (``provider``, ``threads``, ``optimization``,
       ``io_binding``, ``static_sizes``, ``profile_prefix``).
     - ``tensorrt``: options go to :class:`TrtEngine` (``build``: a TrtBuildSpec, ``cuda_graph``);
@@ -126,10 +128,14 @@ def load_pipeline_engines(
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {kind!r}")
     device = next(components.unet.parameters()).device
-    if kind == "torch":
+    if kind in ("torch", "torch-compile"):
         available = build_graphs(components)
         names = graphs or tuple(available)
-        return PipelineEngines(kind, {name: TorchEngine(available[name]) for name in names}, device)
+        if kind == "torch":
+            return PipelineEngines(kind, {name: TorchEngine(available[name]) for name in names}, device)
+        from imageragturbo.engines.torch_compile_engine import TorchCompileEngine
+
+        return PipelineEngines(kind, {name: TorchCompileEngine(available[name], **options) for name in names}, device)
     if engine_dir is None:
         raise EngineLoadError(f"the {kind} engine needs --engine-dir: a folder written by `imageragturbo export`")
     engine_dir = Path(engine_dir)

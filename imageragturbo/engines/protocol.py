@@ -14,7 +14,7 @@ import numpy as np
 
 from imageragturbo.errors import ImageRagTurboError
 
-ENGINE_KINDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+ENGINE_KINDS: tuple[str, ...] = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
 class EngineLoadError(ImageRagTurboError, RuntimeError):
