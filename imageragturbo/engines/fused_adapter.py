@@ -19,14 +19,8 @@ rearranges what is constant once, at export:
 The result equals the adapter's up to float32 rounding (tested to 1e-5 relative); the trained
 weights are not changed, only combined (in float64, then stored as float32).
 
-Measured on shapes-v1 (C = 192, 2 layers with feed-forward; ONNX Runtime, 1 thread, static
-batch 1 and k 4; one process per export, 8 alternated runs of 320 calls per graph):
-``denoise_adapter`` costs 0.197 +- 0.015 ms more than ``denoise_off``, against 0.243 +- 0.019 ms
-with the adapter exported as is (ORT keeps 55 adapter nodes instead of 63). In torch eager
-mode one adapter call takes 0.49 instead of 0.91 ms. What is left is mostly weight traffic:
-the feed-forward layers read 1.8 MB of weights per call for 4 query tokens. (Tried and
-dropped: heads as block-diagonal key/value matrices, which removes the head transposes but
-measured 0.31 ms.)
+Fewer ops is what makes the adapter cheaper at batch 1 on one thread (results/design-notes.md
+has the timings, and the variant that was tried and dropped).
 """
 
 from __future__ import annotations

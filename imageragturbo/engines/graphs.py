@@ -155,8 +155,7 @@ class DenoiseOffGraph(torch.nn.Module):
 
 class DenoiseAdapterGraph(torch.nn.Module):
     """RagDenoiser's ``adapter`` mode with the adapter in its fused form (fused_adapter.py): the
-    same function in fewer ops (on shapes-v1 the graph's cost over ``denoise_off`` is 0.20
-    instead of 0.24 ms with ONNX Runtime on one thread)."""
+    same function in fewer ops, hence cheaper over ``denoise_off`` (results/design-notes.md)."""
 
     def __init__(self, split: SplitUNet, adapter: FusedHSpaceAdapter):
         super().__init__()

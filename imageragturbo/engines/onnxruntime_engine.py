@@ -48,8 +48,8 @@ class OrtEngine:
     - ``io_binding``: bind inputs and outputs instead of ``session.run`` (saves the per-call
       feed/fetch conversions; on a GPU provider outputs stay on the device until copied once).
     - ``static_sizes``: pin dynamic axes, e.g. ``{"batch": 1, "k": 4}``: ONNX Runtime then
-      folds the graph's shape arithmetic into constants (about 15% of a small UNet's time at
-      batch 1, measured), and the engine accepts only those sizes.
+      folds the graph's shape arithmetic into constants (a real share of a small UNet's time at
+      batch 1: results/design-notes.md), and the engine accepts only those sizes.
     - ``profile_prefix``: write ONNX Runtime's per-node profile (Chrome trace JSON) to
       ``<prefix>_<date>.json``; call :meth:`end_profiling` for the file name.
     """
