@@ -43,7 +43,8 @@ TEXT_FILES = ("captions.json", "source_ids.json")
 SEARCHER_DIR = "searcher"
 DIRECT_GATHER_MAX = 64
 """Up to this many ids a gather indexes the memory map directly: a request's few rows cost
-the same in any order, and sorting them first (np.unique) took 5x as long as the read."""
+the same in any order, and sorting them first would cost more than the read
+(results/design-notes.md)."""
 RESIDENT_MAX_BYTES = 64 << 20
 """Store arrays up to this size are copied into memory when a database is opened; larger
 ones are gathered from the memory map."""
@@ -307,10 +308,9 @@ class MemmapFeatureStore:
                 raise DatabaseLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
             self.arrays[name] = array
         # Gathers read plain ndarrays: indexing an np.memmap runs its Python-level subclass
-        # hooks on every request (more than half of a 4-row gather). Small arrays are read
-        # into process memory once; a gather from a file-backed map measured 2x slower between
-        # two UNet passes (39 against 18 us for 4 rows of the bundled H-features). Large ones
-        # stay mapped, shared by every process that opens them.
+        # hooks on every request. Small arrays are read into process memory once (a gather from
+        # a file-backed map is slower between two UNet passes: results/design-notes.md); large
+        # ones stay mapped, shared by every process that opens them.
         self._rows = {
             name: np.array(array) if array.nbytes <= RESIDENT_MAX_BYTES else array.view(np.ndarray)
             for name, array in self.arrays.items()

@@ -16,8 +16,8 @@ import numpy as np
 from imageragturbo.retrieval.protocols import Searcher
 
 SMALL_K = 16
-"""Up to this k, top-k is k argmax passes over the scores (0.5 us each over 4,096 floats) rather
-than argpartition + lexsort (~30 us at any k, measured on the bundled 4,096-row index)."""
+"""Up to this k, top-k is k argmax passes over the scores rather than argpartition + lexsort,
+whose fixed cost is many passes' worth at a small index's size (results/design-notes.md)."""
 DISTINCT_KEYS_MAX_SHARE = 0.75
 """The exact searcher scores distinct keys only when there are at most this many per row;
 with fewer repeats the saving does not pay for expanding the best keys into their rows."""
@@ -70,18 +70,14 @@ class ExactSearcher:
     """Brute-force dot products plus a partial sort: exact, and fast enough below ~20k
     entries; the ScaNN searcher takes over above that.
 
-    The products are ``np.einsum`` rather than a BLAS matmul, for two reasons measured on the
-    bundled 4,096 x 128 index: BLAS wakes a worker thread for a product this small, which on
-    a shared machine waits for a free core (pipeline ``retrieve`` p50 26 ms with the other
-    core busy, against 1.1 ms on one thread); and einsum computes every score with the same
-    loop whatever the batch, so a query scores bit for bit alike alone or in a batch (BLAS
-    picks other kernels for 1 and 8 queries). Between two UNet passes the keys are out of
-    cache and einsum was also the fastest way to score them (0.19 ms p50, against 0.30 ms
-    for one-thread BLAS); warm and batched, BLAS would be up to 2x faster.
+    The products are ``np.einsum`` rather than a BLAS matmul: BLAS wakes a worker thread for a
+    product this small, which on a shared machine waits for a free core; and einsum computes
+    every score with the same loop whatever the batch, so a query scores bit for bit alike
+    alone or in a batch (BLAS picks other kernels for 1 and 8 queries). The timings behind
+    this are in results/design-notes.md.
 
-    Rows that share a key (the same caption rendered several times: the bundled index has
-    520 distinct captions in 4,096 rows) are scored once. The scan then reads the distinct
-    keys only (266 kB instead of 2 MB, which between two UNet passes come from memory), and
+    Rows that share a key (the same caption rendered several times) are scored once. The scan
+    then reads the distinct keys only, which between two UNet passes come from memory, and
     the top k rows are picked among the rows of the best distinct keys: the same ids and
     scores as scoring every row, ties still going to the smaller id.
     """
@@ -191,11 +187,10 @@ class ScannSpec:
     def for_size(cls, n: int, **overrides) -> ScannSpec:
         """The default for ``n`` entries: brute force below 20k, else a tree sized from n.
 
-        From ``bench retrieval`` at n = 630,000 x 1024 (results/retrieval.md): with sqrt(n)
-        spherical leaves, recall was set by the number of candidates re-scored exactly, not by
-        the leaves searched (4 to 64 leaves gave the same recall): reorder 100 -> 0.95,
-        200 -> 0.994. So: reorder 200, and 1% of the leaves (at least 4) as a margin for real
-        text embeddings, which cluster less cleanly than the synthetic set.
+        Recall is set by how many candidates are re-scored exactly, not by the leaves searched
+        (``bench retrieval``: results/retrieval.md, results/design-notes.md), so: reorder 200,
+        and 1% of the leaves (at least 4) as a margin for real text embeddings, which cluster
+        less cleanly than the synthetic set.
         """
         if "mode" not in overrides and n < SCANN_BRUTE_FORCE_BELOW:
             overrides["mode"] = "brute_force"
