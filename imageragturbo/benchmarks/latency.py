@@ -9,11 +9,9 @@ The pairs are *interleaved*: prompt i runs on every pair before prompt i+1, in a
 order per prompt. On a shared machine a burst of background load then hits every pair alike
 instead of whichever happened to run during it, which is what makes ratios measured in one
 run (ORT vs torch, adapter vs off) trustworthy. The order is random rather than rotated
-because a rotation of (engine, mode) pairs puts ``adapter`` right after ``off`` of the same
-engine three times in four, so ``adapter`` found that engine's text encoder and VAE (and, for
-torch, the shared UNet weights) warm in cache while ``off`` always followed the other engine:
-on shapes-v1 that made ``text_encode`` ~0.14 ms faster in ``adapter`` mode than in ``off`` mode
-(the same code), understating the adapter's cost.
+because a rotation puts ``adapter`` right after ``off`` of the same engine three times in four,
+so ``adapter`` finds that engine's weights warm in cache and its cost is understated
+(results/design-notes.md has the measurement).
 
 :func:`run` is the whole `imageragturbo bench latency`: open the model, export it for the
 compiled engines, time every (engine, mode) pair, optionally profile, and write the JSON, the
