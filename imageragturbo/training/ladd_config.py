@@ -12,8 +12,8 @@ STUDENT_TEXT_BLOCKS = ("all", "encoder", "mid")
 
 # The decoder's attention (the paper's LoRA), and with ``lora_targets: decoder`` also its ResNet
 # convolutions: in a small UNet the up-blocks' ResNets read the H-space only beside the encoder's
-# skip features of the same resolution, and learn to lean on the skips (measured on shapes-v1's
-# student at t = T: zeroing H moves its output by 2%, swapping the skips by 80%).
+# skip features of the same resolution, and learn to lean on the skips, so the LoRA must reach
+# them for an adapter to steer the output (results/design-notes.md).
 LORA_TARGETS = {
     "attention": r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "decoder": r".*up_blocks\.\d+\.(attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -58,9 +58,8 @@ class LaddConfig:
     """Student runs: ``all`` keeps the teacher's architecture; ``mid`` gives the student
     cross-attention only in its mid-block (plain down and up blocks, initialised from the
     teacher's ResNets), so that the prompt reaches the image only through the H-space. In the
-    teacher's architecture the decoder's cross-attention carries the content (replacing H by
-    another prompt's moves a one-step output by ~2%, the decoder's text context by ~90%),
-    which leaves an H-space adapter almost nothing to steer. ``encoder`` keeps cross-attention
+    teacher's architecture the decoder's cross-attention carries the content, which leaves an
+    H-space adapter almost nothing to steer (results/design-notes.md). ``encoder`` keeps cross-attention
     in the down blocks and the mid-block and drops it from the up blocks: the decoder sees the
     prompt only through the H-space and the skip connections."""
     exclude_phrases: tuple[str, ...] = ()

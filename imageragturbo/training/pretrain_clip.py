@@ -94,8 +94,8 @@ class ClipConfig:
     init_from: str | None = None
     # Weight of a supervised-contrastive text-text term whose positives are captions naming the
     # same set of (colour, shape) entities: image-text InfoNCE alone makes position words
-    # dominate the pooled vector (nearest other caption named the right entities ~30% of the
-    # time), which is useless for retrieving the right objects.
+    # dominate the pooled vector, which is useless for retrieving the right objects
+    # (results/design-notes.md).
     entity_weight: float = 0.0
     entity_temperature: float = 0.1
 

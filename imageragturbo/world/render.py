@@ -3,7 +3,8 @@
 Everything is a pure function of a ``numpy.random.Generator``, so the same seed
 gives the same bytes. Drawing is vectorised numpy: each object's coverage is
 computed on a 4x supersampled 128x128 grid and box-downsampled to 32x32, which
-gives the anti-aliased edges docs/world.md fixes; a 32x32 image costs ~0.2 ms.
+gives the anti-aliased edges docs/world.md fixes, cheaply enough to draw images as they are
+needed (results/design-notes.md).
 
 Coordinates are continuous pixels: pixel ``(row i, col j)`` covers
 ``[j, j+1) x [i, i+1)``, so an object centre at ``x = 16`` sits on the border
