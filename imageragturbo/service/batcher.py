@@ -304,8 +304,7 @@ class MicroBatcher:
     def _demand(self, batch: list[Job]) -> int:
         """This batch plus the jobs that queued while it ran, counted before any of its answers
         goes out: a closed-loop client's next request, sent in reply to its answer, is not
-        concurrent demand. (Counted afterwards, a lone client whose next request beat the
-        worker's bookkeeping looked like two, and its requests waited batch_wait_ms for company.)"""
+        concurrent demand, and must not wait batch_wait_ms for company (results/design-notes.md)."""
         with self._cond:
             return _images(batch) + _images(self._queue)
 

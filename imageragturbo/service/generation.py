@@ -43,8 +43,8 @@ from imageragturbo.service.settings import ServiceSettings
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
-# PNG-encoding a 32x32 image takes ~0.1 ms, cheaper than a thread hop; a 512x512 one takes
-# milliseconds and would stall the event loop, so it goes to a thread.
+# A small PNG is encoded on the event loop, cheaper than a thread hop; a large one would stall
+# the loop, so it goes to a thread (results/design-notes.md).
 INLINE_PNG_MAX_PIXELS = 128 * 128
 WARNINGS_HEADER = "X-IRT-Warnings"
 MAX_NAMED_WORDS = 20

@@ -30,8 +30,8 @@ NO_LABEL = "none"
 CANCELLED = "cancelled"
 """The status of a request whose job was dropped before it ran (client gone, or deadline passed)."""
 
-# Sub-millisecond retrieval at the bottom (DESIGN.md: 0.5 ms), CPU denoising of a large model and
-# requests that waited in a long queue at the top.
+# Sub-millisecond retrieval at the bottom, CPU denoising of a large model and requests that
+# waited in a long queue at the top (results/design-notes.md).
 STAGE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS_S = STAGE_BUCKETS_S
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -78,9 +78,8 @@ def usable_cpus() -> int:
 
 def default_worker_threads(cpus: int | None = None) -> int:
     """Intra-op threads for the worker: every usable CPU but one, which stays free for the event
-    loop (HTTP parsing, hand-offs, PNG encoding) and the OS. On the 2 shared cores the service
-    was measured on, 1 thread also ran the shapes-v1 pipeline faster than 2, whose barriers
-    wait for a core the other jobs hold (results/service.md has both, side by side)."""
+    loop (HTTP parsing, hand-offs, PNG encoding) and the OS; on a shared machine more threads
+    wait at their barriers for cores other jobs hold (results/design-notes.md)."""
     cpus = usable_cpus() if cpus is None else cpus
     return max(1, cpus - 1)
 
