@@ -10,7 +10,11 @@ A model directory is diffusers' layout (``model_index.json``, ``tokenizer/``, ``
 The same code loads SD-Turbo (CLIP tokenizer + CLIPTextModel, UNet2DConditionModel,
 AutoencoderKL or AutoencoderTiny, an Euler/DDPM-style scheduler) and the bundled shapes-world
 model. Nothing is ever fetched from a hub (``local_files_only=True`` everywhere), and weights
-are read only from safetensors files.
+are read only from safetensors files: the plain ones, or where a part has only those, its fp16
+variant (``*.fp16.safetensors``, the text encoder's ``model.fp16.safetensors`` included).
+
+:func:`resolve_model_dir` also takes a Hugging Face repo id (``stabilityai/sd-turbo``) and finds
+its snapshot in the local Hugging Face cache, offline.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 from imageragturbo.errors import ImageRagTurboError
 from imageragturbo.model.adapter import HSpaceAdapter
+from imageragturbo.paths import missing_model_hint
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +110,75 @@ def _weights_file(part_dir: Path) -> Path:
                 "convert it with safetensors first"
             )
         raise ModelLoadError(f"missing weights: no *.safetensors file in {part_dir}")
-    plain = [p for p in candidates if ".fp16." not in p.name]
+    plain = [p for p in candidates if _variant_of(p) is None]
     return (plain or candidates)[0]
 
 
+VARIANT_PATTERN = re.compile(r"\.(fp16|bf16)(\.safetensors$|-\d+-of-\d+\.safetensors$)")
+"""``model.fp16.safetensors``, ``diffusion_pytorch_model.fp16.safetensors``, and sharded
+``model.fp16-00001-of-00002.safetensors``: diffusers' and transformers' variant names."""
+
+
+def _variant_of(path: Path) -> str | None:
+    match = VARIANT_PATTERN.search(path.name)
+    return match.group(1) if match else None
+
+
 def _variant(part_dir: Path) -> str | None:
-    return "fp16" if ".fp16." in _weights_file(part_dir).name else None
+    """The ``variant`` argument of ``from_pretrained`` for this part: None for plain weights,
+    ``fp16`` when the part has only ``*.fp16.safetensors`` files."""
+    return _variant_of(_weights_file(part_dir))
+
+
+# -- model dirs and hub ids -------------------------------------------------------------------------
+
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""``owner/name``, as the Hugging Face Hub spells repo ids."""
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face cache, as huggingface_hub finds it now: ``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub`` (read at each call, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model folder, or a Hugging Face repo id resolved offline to its snapshot in the local
+    Hugging Face cache (:func:`hub_cache_dir`); the network is never used.
+
+    A path that is a folder is returned as it is. ``owner/name`` that is not a folder is looked
+    up in the cache (``owner/name@REVISION``: that branch, tag or commit; default ``main``).
+    Raises :class:`ModelLoadError` saying where it looked and how to fill the cache when
+    neither holds the model.
+    """
+    path = Path(model)
+    if path.is_dir():
+        return path
+    text = str(model)
+    repo_id, _, revision = text.partition("@")
+    if not REPO_ID_PATTERN.match(repo_id) or path.exists():
+        raise ModelLoadError(f"model directory not found: {path}{missing_model_hint(path)}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model directory not found: {path}, and {text!r} is not in the local Hugging Face cache "
+            f"(looked in {cache / ('models--' + repo_id.replace('/', '--'))}; the cache is HF_HUB_CACHE, else "
+            f"HF_HOME/hub). Nothing is downloaded here: fill the cache where there is network with "
+            f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy it over, or pass a "
+            "model folder"
+        ) from exc
+    logger.info("model %s resolved offline to %s", text, snapshot)
+    return Path(snapshot)
 
 
 def _part_class(part: str, part_dir: Path, index: dict, allowed: dict[str, type]) -> type:
@@ -184,7 +254,8 @@ def load_adapter(adapter_dir: Path, dtype: torch.dtype = torch.float32) -> HSpac
     _read_json(adapter_dir / "config.json")
     _weights_file(adapter_dir)
     try:
-        adapter = HSpaceAdapter.from_pretrained(adapter_dir, local_files_only=True, use_safetensors=True)
+        adapter = HSpaceAdapter.from_pretrained(adapter_dir, local_files_only=True, use_safetensors=True,
+                                                variant=_variant(adapter_dir))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"cannot load adapter from {adapter_dir}: {exc}") from exc
     return adapter.to(dtype=dtype).eval()
@@ -216,9 +287,10 @@ def load_model(
     ``adapter_dir`` and ``lora_dir`` default to ``<model_dir>/adapter`` and
     ``<model_dir>/unet_lora`` when those exist; ``base_only`` skips both (training a new
     adapter and LoRA starts from the bare one-step UNet). Raises :class:`ModelLoadError`
-    naming the missing or malformed file.
+    naming the missing or malformed file. ``model_dir`` may also be a Hugging Face repo id in
+    the local cache (:func:`resolve_model_dir`).
     """
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     index = check_model_dir(model_dir)
     text_cls = _part_class("text_encoder", model_dir / "text_encoder", index, TEXT_ENCODER_CLASSES)
     vae_cls = _part_class("vae", model_dir / "vae", index, VAE_CLASSES)
@@ -233,7 +305,8 @@ def load_model(
 
     tokenizer = load("tokenizer", AutoTokenizer)
     weights = dict(use_safetensors=True, torch_dtype=dtype)
-    text_encoder = load("text_encoder", text_cls, use_safetensors=True, dtype=dtype)
+    text_encoder = load("text_encoder", text_cls, use_safetensors=True, dtype=dtype,
+                        variant=_variant(model_dir / "text_encoder"))
     unet = load("unet", UNet2DConditionModel, variant=_variant(model_dir / "unet"), **weights)
     vae = load("vae", vae_cls, variant=_variant(model_dir / "vae"), **weights)
     scheduler = load("scheduler", scheduler_cls)
