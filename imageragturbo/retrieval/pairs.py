@@ -1,5 +1,8 @@
 """Where database pairs come from: the shapes world, a folder of images + captions, JSONL or Parquet.
 
+A folder is either images with same-name ``.txt`` captions, or a Hugging Face ``imagefolder``
+dataset: images beside a ``metadata.jsonl`` of ``{"file_name": ..., "text": ...}`` lines.
+
 Every source has a length and reads any range ``[start, stop)`` as images resized to the
 model's pixel size, so a build can stop and resume at any chunk. Sources are validated when
 opened (every line parsed, every image file present), so a bad line fails the build before the
@@ -128,11 +131,23 @@ class FolderPairs(_ListedPairs):
         super().__init__(entries, {"kind": "folder", "path": str(folder.resolve())})
 
 
+IMAGEFOLDER_METADATA = "metadata.jsonl"
+"""Hugging Face ``imagefolder``'s metadata file: one ``{"file_name": ..., "text": ...}`` per line."""
+
+
+def _row_image_and_caption(row: dict) -> tuple[object, object]:
+    """``image``/``caption`` (ours), else ``file_name``/``text`` (Hugging Face imagefolder)."""
+    image = row["image"] if "image" in row else row.get("file_name")
+    caption = row["caption"] if "caption" in row else row.get("text")
+    return image, caption
+
+
 class JsonlPairs(_ListedPairs):
-    """One JSON object per line: ``{"image": path, "caption": text}`` (optional ``"id"``);
+    """One JSON object per line: ``{"image": path, "caption": text}`` (optional ``"id"``), or
+    Hugging Face imagefolder's ``{"file_name": path, "text": text}`` (its ``metadata.jsonl``);
     relative image paths are relative to the JSONL file's folder."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kind: str = "jsonl"):
         path = Path(path)
         entries = []
         with open(path, encoding="utf-8") as handle:
@@ -144,16 +159,21 @@ class JsonlPairs(_ListedPairs):
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise PairSourceError(f"{where}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
-                    raise PairSourceError(f'{where}: expected {{"image": "<path>", "caption": "<text>"}}, got {line.strip()[:120]}')
-                if not row["caption"].strip():
+                image_name, caption = _row_image_and_caption(row) if isinstance(row, dict) else (None, None)
+                if not isinstance(image_name, str) or not isinstance(caption, str):
+                    raise PairSourceError(
+                        f'{where}: expected {{"image": "<path>", "caption": "<text>"}} (or imagefolder\'s '
+                        f'{{"file_name": "<path>", "text": "<text>"}}), got {line.strip()[:120]}'
+                    )
+                if not caption.strip():
                     raise PairSourceError(f"{where}: empty caption")
-                image = (path.parent / row["image"]).resolve()
+                image = (path.parent / image_name).resolve()
                 if not image.is_file():
                     raise PairSourceError(f"{where}: image not found: {image}")
-                source_id = str(row.get("id", f"{path.name}:{number}"))
-                entries.append((image, row["caption"].strip(), source_id, where))
-        super().__init__(entries, {"kind": "jsonl", "path": str(path.resolve())})
+                default_id = image_name if "file_name" in row and "image" not in row else f"{path.name}:{number}"
+                source_id = str(row.get("id", default_id))
+                entries.append((image, caption.strip(), source_id, where))
+        super().__init__(entries, {"kind": kind, "path": str(path.resolve())})
 
 
 class ParquetPairs:
@@ -227,9 +247,12 @@ class ParquetPairs:
 
 
 def open_pairs(path: str | Path):
-    """A folder of images + .txt captions, a ``.jsonl`` file, or a ``.parquet`` file."""
+    """A folder of images + .txt captions, a Hugging Face imagefolder (a folder with a
+    ``metadata.jsonl``), a ``.jsonl`` file, or a ``.parquet`` file."""
     path = Path(path)
     if path.is_dir():
+        if (path / IMAGEFOLDER_METADATA).is_file():
+            return JsonlPairs(path / IMAGEFOLDER_METADATA, kind="imagefolder")
         return FolderPairs(path)
     if not path.is_file():
         raise PairSourceError(f"pairs not found: {path} (expected a folder of images + .txt captions, or a .jsonl file)")

@@ -195,6 +195,31 @@ def test_build_from_folder_and_jsonl(pipe, tmp_path):
     np.testing.assert_array_equal(np.asarray(jsonl_store.arrays["h_retr"]), np.asarray(store.arrays["h_retr"]))
 
 
+def test_build_from_a_hugging_face_imagefolder(pipe, tmp_path):
+    """An imagefolder dataset (images + metadata.jsonl of {file_name, text}), as a folder and as its file."""
+    from imageragturbo.world.splits import world_pairs
+
+    pairs = world_pairs("train", 5, seed=4)
+    root = tmp_path / "imagefolder"
+    (root / "train").mkdir(parents=True)
+    lines = []
+    for i, (image, caption, _) in enumerate(pairs):
+        Image.fromarray(image).save(root / "train" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"train/{i}.png", "text": caption, "aesthetic": 5.0}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    source = open_pairs(root)
+    assert source.description["kind"] == "imagefolder" and len(source) == 5
+    assert main(["build-database", "--pairs", str(root), "--out", str(tmp_path / "db"), "--model",
+                 str(pipe.components.model_dir), "--no-progress"]) == 0
+    store = MemmapFeatureStore(tmp_path / "db")
+    assert store.all_captions() == [c for _, c, _ in pairs]
+    assert store.source_ids(np.array([[2]])) == [["train/2.png"]]
+    assert len(open_pairs(root / "metadata.jsonl")) == 5
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "train/0.png", "label": 3}) + "\n")
+    with pytest.raises(PairSourceError, match=r"metadata\.jsonl:1: expected .*file_name"):
+        open_pairs(root)
+
+
 def test_bad_pairs_are_named(tmp_path):
     from imageragturbo.world.splits import world_pairs
 
