@@ -105,7 +105,10 @@ def add_engine(parser: argparse.ArgumentParser, *, default: str | None = "torch"
                dir_help: str = "an `imageragturbo export` folder (needed by onnxruntime and tensorrt)") -> None:
     parser.add_argument("--engine", choices=engine_kinds(), default=default,
                         help=help or "what runs text encoding, denoise and VAE decode (default: torch)")
-    parser.add_argument("--engine-dir", type=Path, default=None, help=dir_help)
+    import os
+
+    parser.add_argument("--engine-dir", type=Path, default=os.environ.get("IRT_ENGINE_DIR") or None,
+                        help=f"{dir_help} (default: IRT_ENGINE_DIR)")
 
 
 def add_adapter_and_lora(parser: argparse.ArgumentParser, lora_help: str = "UNet-decoder LoRA directory (default: <model>/unet_lora)") -> None:

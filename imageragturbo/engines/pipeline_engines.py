@@ -137,7 +137,10 @@ def load_pipeline_engines(
 
         return PipelineEngines(kind, {name: TorchCompileEngine(available[name], **options) for name in names}, device)
     if engine_dir is None:
-        raise EngineLoadError(f"the {kind} engine needs --engine-dir: a folder written by `imageragturbo export`")
+        raise EngineLoadError(
+            f"the {kind} engine needs --engine-dir (IRT_ENGINE_DIR): a folder written by "
+            f"`imageragturbo export --model {components.model_dir} --out DIR`"
+        )
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     check_source(manifest, components, engine_dir)

@@ -100,12 +100,17 @@ def engine_cache_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+TENSORRT_PIN = "tensorrt-cu12==10.13.0.35"
+"""The one TensorRT this project builds with (docker/Dockerfile, README and the runbook say the
+same; a test checks): TensorRT 11 removed the FP16 builder flag the fp16 build relies on."""
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise EngineLoadError(
-            "the tensorrt engine needs the tensorrt package (pip install tensorrt-cu12==10.13.0.35 on a CUDA 12 host): "
+            f"the tensorrt engine needs the tensorrt package (pip install {TENSORRT_PIN} on a CUDA 12 host): "
             f"{exc}"
         ) from exc
     try:
@@ -192,7 +197,7 @@ class TrtEngine:
             if not hasattr(trt.BuilderFlag, "FP16"):
                 raise EngineLoadError(
                     f"TensorRT {trt.__version__} has no FP16 builder flag (weak typing removed); "
-                    "use tensorrt-cu12==10.13.0.35 or precision fp32"
+                    f"use {TENSORRT_PIN} or precision fp32"
                 )
             config.set_flag(trt.BuilderFlag.FP16)
         for shapes in self.profiles:

@@ -32,7 +32,7 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
 def test_compose_has_the_service_prometheus_and_grafana_wired_together():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"irt", "prometheus", "grafana"}
+    assert set(services) == {"irt", "irt-cpu", "prometheus", "grafana"}
     irt = services["irt"]
     assert irt["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     assert (DOCKER / ".." / irt["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
@@ -126,3 +126,34 @@ def test_dockerfile_is_a_non_root_cuda_image_with_gpu_runtimes_and_a_readiness_h
 @pytest.mark.parametrize("path", sorted(p.relative_to(DOCKER).as_posix() for p in DOCKER.rglob("*.y*ml")))
 def test_every_yaml_file_loads(path):
     assert isinstance(yaml.safe_load((DOCKER / path).read_text()), dict)
+
+
+def test_the_gpu_service_names_device_dtype_and_engine_dir_and_a_cpu_profile_exists():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    gpu, cpu = compose["services"]["irt"], compose["services"]["irt-cpu"]
+    command = " ".join(gpu["command"])
+    for flag in ("--device", "--dtype", "--engine-dir", "--engine"):
+        assert flag in command
+    assert gpu["environment"]["IRT_DEVICE"] == "${IRT_DEVICE:-cuda}" and gpu["environment"]["IRT_DTYPE"] == "${IRT_DTYPE:-float16}"
+    assert cpu["profiles"] == ["cpu"] and cpu["build"]["target"] == "cpu" and "--device cpu" in " ".join(cpu["command"])
+    assert "deploy" not in cpu
+
+
+def test_the_images_default_to_the_gpu_in_fp16_and_wait_for_readyz():
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    runtime = dockerfile[dockerfile.index("AS runtime"):dockerfile.index("AS baked")]
+    assert "IRT_DEVICE=cuda IRT_DTYPE=float16" in runtime
+    assert "/readyz" in runtime.split("HEALTHCHECK", 1)[1].split("\n", 3)[1] or "/readyz" in runtime
+    cpu = dockerfile[dockerfile.index("AS cpu"):]
+    assert "IRT_DEVICE=cpu IRT_DTYPE=float32" in cpu and "/readyz" in cpu
+    assert dockerfile.rstrip().endswith("FROM runtime")  # the default target is the GPU image
+
+
+def test_one_tensorrt_version_everywhere():
+    from imageragturbo.engines.tensorrt_engine import TENSORRT_PIN
+
+    root = DOCKER.parent
+    for path in (DOCKER / "Dockerfile", root / "README.md", root / "docs" / "gpu-runbook.md"):
+        pins = set(re.findall(r"tensorrt-cu12==[0-9.]+", path.read_text()))
+        assert pins <= {TENSORRT_PIN}, f"{path.name} pins {pins}, the engine {TENSORRT_PIN}"
+    assert TENSORRT_PIN in (DOCKER / "Dockerfile").read_text()
