@@ -314,7 +314,7 @@ def run(options: LatencyBenchOptions) -> LatencyResult:
         work = Path(tmp)
         database, database_desc = _database(torch_pipe, options.db_size, work)
         engine_dir = options.engine_dir or work / "onnx"
-        if any(e != "torch" for e in options.engines) and not (engine_dir / MANIFEST_NAME).is_file():
+        if any(e in ("onnxruntime", "tensorrt") for e in options.engines) and not (engine_dir / MANIFEST_NAME).is_file():
             print(f"exporting the model to {engine_dir} ...", file=sys.stderr)
             export_model(components, engine_dir)
         engine_options = _engine_options(options)

@@ -14,6 +14,7 @@ def register(sub) -> None:
     _register_retrieval(bench)
     _register_service(bench)
     _register_soak(bench)
+    _register_gpu_check(bench)
 
 
 def _register_latency(bench) -> None:
@@ -172,4 +173,28 @@ def soak(args) -> int:
     print(render_markdown(result))
     wrote = [str(path) for path in (args.out, args.json) if path is not None]
     print(f"targets: {result.targets}" + (f"; wrote {' and '.join(wrote)}" if wrote else ""), file=sys.stderr)
+    return 0
+
+
+def _register_gpu_check(bench) -> None:
+    g = bench.add_parser("gpu-check", help="the GPU check: gpu-marked tests + the latency protocol at SD-Turbo scale "
+                         "(random weights, synthetic database) -> <out>/latency-gpu.md")
+    g.add_argument("--out", type=Path, default=Path("results"))
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--toy", action="store_true", help="the same run with the model families shrunk (seconds on a CPU)")
+    g.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
+    g.add_argument("--n", type=int, default=100, help="prompts (batch 1)")
+    g.add_argument("--db-rows", type=int, default=20_000, help="rows of the synthetic database")
+    g.add_argument("--engines", type=options.csv, default=None,
+                   help="default: torch, torch-compile, and onnxruntime / tensorrt where installed")
+    g.add_argument("--work", type=Path, default=None, help="scratch folder for the model and database (default: <out>/gpu-check-work)")
+    g.set_defaults(handler=gpu_check)
+
+
+def gpu_check(args) -> int:
+    from imageragturbo.benchmarks.gpu_check import GpuCheckOptions, run_gpu_check
+
+    run_gpu_check(GpuCheckOptions(out=args.out, device=args.device, toy=args.toy, tests=not args.no_tests, n=args.n,
+                                  db_rows=args.db_rows, engines=tuple(args.engines) if args.engines else None,
+                                  work=args.work))
     return 0

@@ -12,11 +12,11 @@ import argparse
 import logging
 import sys
 
-from imageragturbo.cli import bench, build_database, export, generate, options, serve, train
+from imageragturbo.cli import bench, build_database, export, generate, options, serve, synthetic, train
 from imageragturbo.cli import eval as eval_commands
 from imageragturbo.errors import ImageRagTurboError
 
-COMMANDS = (generate, serve, build_database, train, export, bench, eval_commands)
+COMMANDS = (generate, serve, build_database, train, export, bench, eval_commands, synthetic)
 
 
 class _Version(argparse.Action):
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in renamed:
         print(f"imageragturbo: {args.command} is deprecated, use {renamed[args.command]}", file=sys.stderr)
     try:
-        options.apply_device(args)
-        return args.handler(args)
+        with options.device_environment(args):
+            return args.handler(args)
     except ImageRagTurboError as exc:
         print(f"imageragturbo {args.command}: error: {exc}", file=sys.stderr)
         return 2

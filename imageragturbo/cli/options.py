@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from imageragturbo.errors import ImageRagTurboError
@@ -65,7 +66,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 def add_device(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     """``--device`` and ``--dtype``: for this command they are ``IRT_DEVICE`` / ``IRT_DTYPE``
     (so the pipeline, the databases' gathers, the engines and any server it starts honour
-    them); applied and checked by :func:`apply_device` before the handler runs."""
+    them); applied and checked by :func:`device_environment` around the handler."""
     parser.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
                         help="where the torch modules run (default: IRT_DEVICE, else cpu)")
     if dtype:
@@ -73,22 +74,32 @@ def add_device(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                             help="the torch modules' precision (default: IRT_DTYPE, else float32)")
 
 
-def apply_device(args: argparse.Namespace) -> None:
-    """Check ``--device`` / ``--dtype`` against this machine and make them this process's
-    ``IRT_DEVICE`` / ``IRT_DTYPE`` (a machine without CUDA is a one-line error here)."""
+@contextmanager
+def device_environment(args: argparse.Namespace):
+    """Check ``--device`` / ``--dtype`` against this machine and make them ``IRT_DEVICE`` /
+    ``IRT_DTYPE`` while the command runs (a machine without CUDA is a one-line error here);
+    the variables are restored afterwards, so a caller of ``main()`` keeps its environment."""
     import os
 
-    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    if device is None and dtype is None:
-        return
-    from imageragturbo.model.device import resolve_device, resolve_dtype
+    wanted = {"IRT_DEVICE": getattr(args, "device", None), "IRT_DTYPE": getattr(args, "dtype", None)}
+    wanted = {name: value for name, value in wanted.items() if value is not None}
+    if wanted:
+        from imageragturbo.model.device import resolve_device, resolve_dtype
 
-    if device is not None:
-        resolve_device(device)
-        os.environ["IRT_DEVICE"] = device
-    if dtype is not None:
-        resolve_dtype(dtype)
-        os.environ["IRT_DTYPE"] = dtype
+        if "IRT_DEVICE" in wanted:
+            resolve_device(wanted["IRT_DEVICE"])
+        if "IRT_DTYPE" in wanted:
+            resolve_dtype(wanted["IRT_DTYPE"])
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def add_mode(parser: argparse.ArgumentParser, *, extra: tuple[str, ...] = (), default: str | None, help: str | None = None) -> None:
