@@ -78,10 +78,13 @@ def test_bench_soak_against_a_real_server(tiny_model_dir, tmp_path, capsys):
     assert outcomes["malformed_json"] == outcomes["wrong_types"] == outcomes["oversize_prompt"] == {"422": 5}
     assert outcomes["disconnect_mid_body"] == outcomes["disconnect_waiting"] == {CLIENT_LEFT: 5}
     assert 0 < result["normal_p50_ms"] <= result["normal_p99_ms"]
-    # the server saw every request that reached the app (a slow client cut off by a read timeout never does)
+    # the server counted every request that reached the app: all but, at most, the half-sent bodies
+    # (their connection may end before the app sees them) and slow clients cut off by a read timeout
     slow_cut = sum(n for outcome, n in outcomes["slow_headers"].items() if outcome != "200")
-    assert sum(result["server_counts"].values()) == 100 - slow_cut
+    counted = sum(result["server_counts"].values())
+    assert 100 - slow_cut - 5 <= counted <= 100 - slow_cut, result["server_counts"]
     assert result["server_counts"]["413"] == 5 and result["server_counts"]["404"] == 5
+    assert result["server_counts"]["422"] >= 15
     # RSS at a quarter and at the end; SIGTERM with 2 x concurrency requests in flight, none lost
     assert [c["requests"] for c in result["rss_checkpoints"]] == [25, 100]
     assert all(c["rss_bytes"] > 0 for c in result["rss_checkpoints"]) and result["rss_growth_pct"] is not None
