@@ -35,10 +35,26 @@ def register(sub) -> None:
         help="IRT_VERIFY_DATABASES=0: skip the checksum and value checks of every database at start (only for "
         "stores verified elsewhere, e.g. by check-database when the image was built)",
     )
+    p.add_argument(
+        "--ray", action="store_true",
+        help="serve as a Ray Serve application (pip install 'imageragturbo[ray]'): replicas of this server, each "
+        "with its own pipeline and batcher, behind Ray's proxy on --host/--port; IRT_RAY_* settings (docs/scale.md)",
+    )
+    p.add_argument(
+        "--replicas", type=int, default=None,
+        help="with --ray: this many replicas (IRT_RAY_NUM_REPLICAS; default: autoscale on ongoing requests between "
+        "IRT_RAY_MIN_REPLICAS=1 and IRT_RAY_MAX_REPLICAS=4)",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    if args.ray:
+        return run_ray(args)
+    if args.replicas is not None:
+        from imageragturbo.errors import ConfigError
+
+        raise ConfigError("--replicas needs --ray (one `imageragturbo serve` process is one replica)")
     from imageragturbo.service.serve import serve
 
     serve(
@@ -49,3 +65,39 @@ def run(args) -> int:
         verify_databases=args.verify_databases,
     )
     return 0
+
+
+def run_ray(args) -> int:
+    from imageragturbo.service import ray_app
+    from imageragturbo.service.settings import settings_from_flags
+
+    flags = {
+        "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_queue": args.max_queue,
+        "timeout_s": args.timeout_s, "max_body_bytes": args.max_body_bytes, "threads": args.threads,
+        "verify_databases": args.verify_databases,
+    }
+    flags = {name: value for name, value in flags.items() if value is not None}
+    settings_from_flags(**flags)  # bad values fail here, in one line, before Ray starts
+    # Ray's workers do not start in this folder: every path goes to them absolute.
+    replica = ray_app.replica_args({
+        "model": _absolute(options.model_dir(args)), "databases": [_absolute_spec(s) for s in args.databases or []],
+        "engine": args.engine, "engine_dir": _absolute(args.engine_dir), "adapter": _absolute(args.adapter),
+        "lora": _absolute(args.lora),
+        "settings": flags, "ray": {"num_replicas": args.replicas} if args.replicas is not None else {},
+    })
+    ray_app.run_local(replica, ray_app.ray_settings(**replica.ray), host=args.host, port=args.port)
+    return 0
+
+
+def _absolute(path) -> str | None:
+    from pathlib import Path
+
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
+def _absolute_spec(spec: str) -> str:
+    """NAME=DIR (or DIR) with DIR absolute."""
+    name, sep, folder = spec.partition("=")
+    if not sep:
+        return _absolute(spec) if spec.strip() else spec
+    return f"{name}={_absolute(folder)}" if folder.strip() and name.strip() else spec
