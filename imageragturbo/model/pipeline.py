@@ -23,7 +23,7 @@ from imageragturbo.model.batch_invariance import batch_invariant, make_batch_inv
 from imageragturbo.model.denoiser import MODES, RagDenoiser
 from imageragturbo.model.device import resolve_device, resolve_dtype
 from imageragturbo.model.images import images_to_tensor, tensor_to_images
-from imageragturbo.model.loading import ModelComponents, load_model
+from imageragturbo.model.loading import ModelComponents, load_model, resolve_model_dir
 from imageragturbo.model.noise import draw, latent_shape, seed_generators
 from imageragturbo.model.schedule import NoiseSchedule
 from imageragturbo.model.text import PromptEncoder
@@ -361,7 +361,7 @@ def open_pipeline(
     """
     from imageragturbo.retrieval.disk import DatabaseLoadError, load_database, model_databases, parse_database_spec
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)  # a folder, or a hub id from the local cache
     parts = load_model(model_dir, adapter_dir=adapter_dir, lora_dir=lora_dir, base_only=base_only,
                        device=resolve_device(device), dtype=resolve_dtype(dtype))
     pipe = RagTurboPipeline(parts)
