@@ -7,12 +7,16 @@ Routes: POST /generate (this project's API), POST /v1/images/generations and GET
 (OpenAI's, in openai_api.py), GET /info (the served model: size, modes, databases, vocabulary),
 /healthz, /readyz, /metrics and the playground at /.
 
-Status codes of the generation routes: 200 image(s); 401 missing/wrong bearer token; 404
-unknown database (or model, under /v1); 413 body over IRT_MAX_BODY_BYTES; 422 invalid request
-(the message names the field), a mode this model cannot run, a size other than the model's, or
-(IRT_STRICT_VOCAB=1) words outside the vocabulary; 429 queue full and 503 shutting down (both
-with Retry-After); 504 not answered within IRT_TIMEOUT_S; 500 only when the pipeline itself
-raised. Every answer has an X-Request-ID header and every error body a request_id.
+Status codes of the generation routes: 200 image(s); 400 a Host outside IRT_ALLOWED_HOSTS (or
+not HTTP); 401 missing/wrong bearer token (only with IRT_API_KEY); 404 unknown database (or
+model, under /v1); 406 an Accept header that allows none of the answer's media types; 408 a
+request that did not arrive within IRT_READ_TIMEOUT_S; 413 body over IRT_MAX_BODY_BYTES; 422
+invalid request (the message names the field), a mode this model cannot run, a size other than
+the model's, or (IRT_STRICT_VOCAB=1) words outside the vocabulary; 429 queue full and 503
+shutting down (both with Retry-After); 431 headers over IRT_MAX_HEADER_BYTES; 504 not answered
+within IRT_TIMEOUT_S; 500 only when the pipeline itself raised, saying only the request id (the
+log has the rest). Every answer has an X-Request-ID header and every error body a request_id,
+in one shape (``{"detail", "request_id"}``; OpenAI's ``{"error": {...}}`` under /v1/).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imageragturbo.model.pipeline import RagTurboPipeline
-from imageragturbo.service.generation import RETRY_AFTER_S, GenerationService, error_responses
+from imageragturbo.service import openapi
+from imageragturbo.service.generation import RETRY_AFTER_S, GenerationService
 from imageragturbo.service.middleware import OPENAI_PREFIX, RequestContext, RequestMiddleware, error_body
+from imageragturbo.service.negotiation import negotiate
 from imageragturbo.service.schemas import (
     ErrorResponse,
     GenerateListResponse,
@@ -40,6 +46,7 @@ from imageragturbo.service.schemas import (
     GenerateResponse,
     ImagesGenerationRequest,
     ModelOut,
+    ValidationErrorResponse,
 )
 from imageragturbo.service.settings import ServiceSettings
 
@@ -49,11 +56,6 @@ PLAYGROUND_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
 )
-
-
-def _wants_json(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return "application/json" in accept and "image/png" not in accept
 
 
 def request_context(request: Request) -> RequestContext:
@@ -77,9 +79,6 @@ def _format_validation_error(exc: RequestValidationError, fields) -> tuple[str, 
         errors.append({"field": loc, "message": msg, "type": error.get("type", "")})
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
     return detail, errors
-
-
-ERROR_RESPONSES = error_responses(ErrorResponse)
 
 
 def create_app(
@@ -122,9 +121,10 @@ def create_app(
         metrics=service.metrics,
         access_log=settings.access_log,
         log_prompts=settings.log_prompts,
+        allowed_hosts=settings.allowed_hosts,
     )
 
-    bearer = HTTPBearer(auto_error=False, description="IRT_API_KEY, when the server sets one")
+    bearer = HTTPBearer(auto_error=False, description="the server's IRT_API_KEY")
 
     def check_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if settings.api_key is None:
@@ -136,6 +136,10 @@ def create_app(
                 401, "missing or wrong API key: send 'Authorization: Bearer <IRT_API_KEY>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+
+    # Without a key nothing is guarded, and the document advertises no bearer scheme.
+    auth = settings.api_key is not None
+    guarded = [Depends(check_api_key)] if auth else []
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -150,30 +154,30 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = error_body(
-            request.url.path,
-            exc.status_code,
-            str(exc.detail),
-            request_context(request).request_id,
-            param=getattr(exc, "param", None),
-            code=getattr(exc, "code", None),
-        )
+        param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+        body = error_body(request.url.path, exc.status_code, str(exc.detail), request_context(request).request_id,
+                          param=param, code=code)
+        if exc.status_code == 422 and "detail" in body:  # every 422 of /generate lists its errors
+            body["errors"] = [{"field": param or "body", "message": str(exc.detail), "type": code or "value_error"}]
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.post(
         "/generate",
-        dependencies=[Depends(check_api_key)],
+        dependencies=guarded,
         response_model=GenerateResponse | GenerateListResponse,
         responses={
             200: {
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "n = 1: PNG by default (headers X-Seed, X-Mode, Server-Timing, X-IRT-Warnings), "
-                "GenerateResponse with 'Accept: application/json'; n > 1: GenerateListResponse (JSON) always",
+                "description": "n = 1: PNG, or GenerateResponse (JSON) when the Accept header prefers it "
+                "(headers X-Seed, X-Mode, Server-Timing, X-IRT-Warnings); n > 1: GenerateListResponse (JSON)",
             },
-            **ERROR_RESPONSES,
+            **openapi.error_responses(ErrorResponse, auth=auth, validation_model=ValidationErrorResponse),
         },
     )
     async def generate(body: GenerateRequest, request: Request):
+        # Before any work: an answer the client cannot take is not made.
+        offers = ("image/png", "application/json") if body.n == 1 else ("application/json",)
+        media_type = negotiate(request.headers.get("accept"), offers)
         done = await service.generate(body, request_context(request))
         job = done.job
         headers = {"X-Seed": ",".join(map(str, job.seeds)), "X-Mode": job.key.mode, **done.headers}
@@ -183,7 +187,7 @@ def create_app(
                 "mode": job.key.mode,
                 "timings_ms": done.timings_ms,
             }
-        elif _wants_json(request):
+        elif media_type == "application/json":
             ((image, seed, neighbors),) = done.b64_images()
             payload = {"image": image, "seed": seed, "mode": job.key.mode, "timings_ms": done.timings_ms, "neighbors": neighbors}
         else:
@@ -192,10 +196,11 @@ def create_app(
             payload["warnings"] = done.warnings
         return JSONResponse(payload, headers=headers)
 
-    @app.get("/info", response_model=ModelOut)
-    async def info():
+    @app.get("/info", response_model=ModelOut, responses={406: {"model": ErrorResponse}})
+    async def info(request: Request):
         """The served model: image size, modes, databases (and the default), tokenizer and, for a
         word-level tokenizer, its vocabulary. Open like /readyz (the playground reads it)."""
+        negotiate(request.headers.get("accept"), ("application/json",))
         return service.info()
 
     @app.get("/healthz", responses={503: {"model": ErrorResponse}})
@@ -235,23 +240,14 @@ def create_app(
     async def playground_page():
         return HTMLResponse(playground, headers={"Content-Security-Policy": PLAYGROUND_CSP})
 
-    add_openai_routes(app, service, check_api_key)
+    add_openai_routes(app, service, guarded, auth=auth)
+    openapi.install(app, service)
     return app
 
 
 def run_server(app: FastAPI, *, host: str, port: int, settings: ServiceSettings, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until SIGINT/SIGTERM, then shut down gracefully: stop
-    accepting, answer every request already received (each is bounded by IRT_TIMEOUT_S), drain
-    the queue, stop the worker."""
-    import uvicorn
+    """Serve ``app`` until SIGINT/SIGTERM (http_server.run: the connection limits, and an end with
+    ServerStoppedError when the worker cannot serve)."""
+    from imageragturbo.service import http_server
 
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        # The app writes its own structured access line (IRT_ACCESS_LOG); uvicorn's would be a second.
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.timeout_s) + 5,
-    )
-    uvicorn.Server(config).run()
+    http_server.run(app, host=host, port=port, settings=settings, log_level=log_level)

@@ -157,6 +157,8 @@ class MicroBatcher:
         self.warmup = warmup
         self.on_batch = on_batch
         self.ready = threading.Event()
+        self.failure: str | None = None
+        """Why the worker ended before close() (warm-up failed, or it crashed); None while it is fine."""
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -227,19 +229,26 @@ class MicroBatcher:
             start = time.perf_counter()
             try:
                 self.warmup()
-            except Exception:
+            except Exception as exc:
                 # A model that cannot run one request must not report ready; the thread ends,
-                # /healthz turns unhealthy and queued requests are refused.
+                # queued requests are refused, and the server stops on `failure` (http_server.py).
                 logger.exception("warm-up failed; the server will not become ready")
+                self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
                 self._fail_queued(ShuttingDownError("warm-up failed; see the server log"))
                 return
             logger.info("warm-up done in %.0f ms", (time.perf_counter() - start) * 1e3)
         self.ready.set()
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except BaseException as exc:
+            logger.exception("the worker thread stopped")
+            self.failure = f"the worker thread stopped: {type(exc).__name__}: {exc}"
+            self._fail_queued(ShuttingDownError("the worker thread stopped; see the server log"))
+            raise
 
     def _fail_queued(self, exc: Exception) -> None:
         with self._cond:

@@ -36,7 +36,7 @@ from imageragturbo.service.batcher import (
     pipeline_runner,
 )
 from imageragturbo.service.metrics import CANCELLED, NO_LABEL, SERVER_STAGES, ServiceMetrics
-from imageragturbo.service.middleware import CLIENT_CLOSED_REQUEST, RequestContext
+from imageragturbo.service.middleware import CLIENT_CLOSED_REQUEST, RequestContext, internal_error
 from imageragturbo.service.schemas import MAX_N, MAX_SEED, GenerateRequest
 from imageragturbo.service.settings import ServiceSettings
 
@@ -49,24 +49,6 @@ INLINE_PNG_MAX_PIXELS = 128 * 128
 WARNINGS_HEADER = "X-IRT-Warnings"
 MAX_NAMED_WORDS = 20
 MAX_WORD_CHARS = 40
-
-
-ERROR_STATUSES = {
-    401: "missing or wrong bearer token (only when IRT_API_KEY is set)",
-    404: "unknown database name",
-    413: "request body too large",
-    429: "queue full; retry after Retry-After seconds",
-    500: "the pipeline failed on this request's batch",
-    503: "shutting down; retry after Retry-After seconds",
-    504: "not answered within IRT_TIMEOUT_S",
-}
-"""What the generation routes' error statuses mean (their OpenAPI ``responses``)."""
-
-
-def error_responses(model, overrides: dict[int, str] | None = None) -> dict:
-    """OpenAPI ``responses`` for the error statuses, bodies of ``model``."""
-    texts = {**ERROR_STATUSES, **(overrides or {})}
-    return {status: {"model": model, "description": text} for status, text in sorted(texts.items())}
 
 
 class ApiError(HTTPException):
@@ -197,6 +179,10 @@ class GenerationService:
         for mode in self.available_modes:
             database = self.default_database if mode != "off" else None
             result = self.pipe(["warm-up"], [0], mode=mode, steps=1, k=1, database=database)
+            latents = getattr(result, "latents", None)
+            if isinstance(latents, torch.Tensor) and not bool(torch.isfinite(latents).all()):
+                where = f"mode {mode!r}" + (f" on database {database!r}" if database else "")
+                raise ValueError(f"{where} made NaN or infinite values: the model or the database is broken")
             images = getattr(result, "images", None)
             if images is not None and getattr(images, "ndim", 0) == 4:
                 self.image_size = (int(images.shape[2]), int(images.shape[1]))
@@ -281,18 +267,19 @@ class GenerationService:
                 param="database",
                 code="database_not_found",
             )
+        database = request.database or self.default_database
+        k = request.k
+        # Checked whatever the mode (off and inject read no k), so that one bound holds: the
+        # OpenAPI document's. The default k shrinks to a database smaller than it.
+        if database is not None and k > (size := len(self.pipe.databases[database].store)):
+            if "k" in request.model_fields_set:
+                raise ApiError(422, f"k must be at most {size}, the size of database {database!r}; got {k}", param="k")
+            k = size
         if mode == "off":
             key = BatchKey(mode="off", steps=request.steps, k=1, database=None)
         else:
-            database = request.database or self.default_database
             context.database = database
-            size = len(self.pipe.databases[database].store)
-            k = INJECT_K if mode == "inject" else request.k
-            if k > size:
-                raise ApiError(
-                    422, f"k must be at most {size}, the size of database {database!r}; got {request.k}", param="k"
-                )
-            key = BatchKey(mode=mode, steps=request.steps, k=k, database=database)
+            key = BatchKey(mode=mode, steps=request.steps, k=INJECT_K if mode == "inject" else k, database=database)
         if request.seed is not None:
             seeds = [request.seed + i for i in range(request.n)]
         else:
@@ -330,7 +317,8 @@ class GenerationService:
             try:
                 return waiter.result()
             except BatchFailedError as exc:
-                raise ApiError(500, str(exc)) from exc
+                # The batcher logged the traceback under this request id; the client gets only the id.
+                raise ApiError(500, internal_error(context.request_id)) from exc
             except ShuttingDownError as exc:
                 raise ApiError(503, str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
             except JobExpiredError as exc:

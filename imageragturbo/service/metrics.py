@@ -93,6 +93,33 @@ class ServiceMetrics:
         self.batch_failures = Counter(
             "irt_batch_failures", "Pipeline calls that raised (their requests got 500).", registry=self.registry
         )
+        # The connection layer's (connections.py): what a slow or flooding client cost.
+        self.slow_clients = Counter(
+            "irt_slow_clients",
+            "Connections cut because a request had not fully arrived within IRT_READ_TIMEOUT_S, by phase: idle "
+            "(nothing sent), headers (the request line or header fields), body.",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.connections_shed = Counter(
+            "irt_connections_shed",
+            "Connections closed at IRT_MAX_CONNECTIONS: evicted (the one that had waited longest for its request, "
+            "to make room for a new one) or refused (a new one, while every open one had a request in flight: 503).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.oversized_headers = Counter(
+            "irt_oversized_headers",
+            "Requests refused with 431: request line and header fields over IRT_MAX_HEADER_BYTES.",
+            registry=self.registry,
+        )
+        self.open_connections = Gauge(
+            "irt_open_connections", "Open HTTP connections (any state).", registry=self.registry
+        )
+        for phase in ("idle", "headers", "body"):
+            self.slow_clients.labels(phase=phase)
+        for reason in ("evicted", "refused"):
+            self.connections_shed.labels(reason=reason)
         build_info = Gauge(
             "irt_build_info",
             "Always 1; the labels name the loaded model, the denoise/VAE engine, the torch device and dtype "

@@ -6,7 +6,10 @@ For every HTTP request :class:`RequestMiddleware`
 * takes the client's ``X-Request-ID`` when it is sane (1-128 of ``A-Z a-z 0-9 . _ : / + = @ -``),
   else makes one, and sends it back in the ``X-Request-ID`` header of every answer; error
   bodies carry it as ``request_id`` and log lines as ``request_id``;
-* caps the body at ``max_body_bytes`` (413, before the app parses anything);
+* answers 400 to a Host outside ``allowed_hosts`` (when set: DNS rebinding reaches a loopback
+  server under a foreign name);
+* caps the body at ``max_body_bytes`` (413, before the app parses anything; the connection's
+  read deadline, connections.py, bounds how long the rest may trickle in);
 * watches a generation request's connection after its body: the moment the client goes away,
   :attr:`RequestContext.disconnected` is set, so the handler drops its job if it has not run;
 * records status and duration of generation requests (``irt_requests_total``,
@@ -35,6 +38,8 @@ OPENAI_PREFIX = "/v1/"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a request whose client went away before its answer (logged, never sent)."""
+CLIENT_GONE = object()
+"""What _read_body returns when the connection closed before the body's end."""
 
 OPENAI_ERROR_TYPES = {
     401: "authentication_error",
@@ -84,17 +89,54 @@ def error_body(path: str, status: int, detail: str, request_id: str, *, param: s
     return {"detail": detail, "request_id": request_id}
 
 
+def internal_error(request_id: str) -> str:
+    """What a 500 says: never the exception, which the log has (with this request id)."""
+    return f"internal error, request id {request_id}"
+
+
+def host_of(headers) -> str | None:
+    """The Host header's name, lower case, without the port (an IPv6 literal keeps its brackets)."""
+    for name, value in headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):
+                return host[: host.find("]") + 1] if "]" in host else host
+            return host.rsplit(":", 1)[0] if ":" in host else host
+    return None
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    if not allowed:
+        return True
+    if not host:
+        return False
+    return any(
+        pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+        for pattern in allowed
+    )
+
+
 def user_hash(user: str | None) -> str | None:
     """What the log keeps of an end-user id: a short hash, never the id."""
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
 
 
 class RequestMiddleware:
-    def __init__(self, app, *, max_body_bytes: int, metrics: ServiceMetrics, access_log: bool, log_prompts: bool):
+    def __init__(
+        self,
+        app,
+        *,
+        max_body_bytes: int,
+        metrics: ServiceMetrics,
+        access_log: bool,
+        log_prompts: bool,
+        allowed_hosts: tuple[str, ...] = (),
+    ):
         from imageragturbo.service.logs import configure_service_logging
 
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
         self.metrics = metrics
         self.access_log = access_log
         self.log_prompts = log_prompts
@@ -123,10 +165,20 @@ class RequestMiddleware:
 
         watcher = None
         try:
+            host = host_of(scope.get("headers", ()))
+            if not host_allowed(host, self.allowed_hosts):
+                detail = f"host {host!r} is not served here (IRT_ALLOWED_HOSTS)" if host else "the request has no Host header"
+                body = error_body(scope["path"], 400, detail, context.request_id)
+                await self._send_json(send_tracking, 400, body)
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 detail = f"request body is larger than {self.max_body_bytes} bytes (IRT_MAX_BODY_BYTES)"
-                await self._send_json(send_tracking, 413, error_body(scope["path"], 413, detail, context.request_id))
+                body = error_body(scope["path"], 413, detail, context.request_id)
+                await self._send_json(send_tracking, 413, body)
+                return
+            if body is CLIENT_GONE:
+                status = CLIENT_CLOSED_REQUEST  # for the access log: the app never saw the request
                 return
             if generation:
                 watcher = asyncio.ensure_future(self._watch(receive, context))
@@ -146,7 +198,7 @@ class RequestMiddleware:
         except Exception:
             logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:
-                body = error_body(scope["path"], 500, "internal server error", context.request_id)
+                body = error_body(scope["path"], 500, internal_error(context.request_id), context.request_id)
                 await self._send_json(send_tracking, 500, body)
         finally:
             if watcher is not None:
@@ -192,8 +244,9 @@ class RequestMiddleware:
             "%s %s %s", scope["method"], scope["path"], status, extra={"fields": fields, "request_id": context.request_id}
         )
 
-    async def _read_body(self, scope, receive) -> bytes | None:
-        """The whole body, or None when it is over the limit (checked on Content-Length first)."""
+    async def _read_body(self, scope, receive) -> bytes | object | None:
+        """The whole body, None when it is over the limit (checked on Content-Length first), or
+        CLIENT_GONE when the connection closed before its end."""
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -205,7 +258,7 @@ class RequestMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break  # client went away; the app sees an empty body and its answer goes nowhere
+                return CLIENT_GONE
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_body_bytes:

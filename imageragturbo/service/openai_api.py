@@ -17,22 +17,27 @@ from __future__ import annotations
 
 import time
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from imageragturbo.service.generation import ApiError, GenerationService, error_responses
+from imageragturbo.service.generation import ApiError, GenerationService
+from imageragturbo.service.negotiation import negotiate
+from imageragturbo.service.openapi import error_responses
 from imageragturbo.service.schemas import ImagesGenerationRequest, ImagesResponse, ModelList, ModelOut, OpenAIErrorResponse
 
-ERRORS = error_responses(
-    OpenAIErrorResponse,
-    {
-        404: "unknown model or database",
-        422: "invalid request: unknown field, a size other than the model's, response_format url, ...",
-    },
-)
+JSON = ("application/json",)
+OVERRIDES = {
+    404: "unknown model or database",
+    422: "invalid request: unknown field, a size other than the model's, response_format url, ...",
+}
 
 
-def add_openai_routes(app: FastAPI, service: GenerationService, check_api_key) -> None:
+def add_openai_routes(app: FastAPI, service: GenerationService, guarded: list, *, auth: bool) -> None:
+    """The /v1 routes; ``guarded``: the dependencies that check the API key (none without one)."""
+    errors = error_responses(OpenAIErrorResponse, auth=auth, overrides=OVERRIDES)
+    # GET routes read no body: only the statuses they can answer (422: FastAPI's check of the path).
+    get_errors = {status: errors[status] for status in (400, 401, 404, 406, 408, 422, 431, 503) if status in errors}
+
     def check_openai_fields(body: ImagesGenerationRequest) -> None:
         if body.model is not None and body.model != service.model_name:
             raise ApiError(
@@ -60,14 +65,15 @@ def add_openai_routes(app: FastAPI, service: GenerationService, check_api_key) -
 
     @app.post(
         "/v1/images/generations",
-        dependencies=[Depends(check_api_key)],
+        dependencies=guarded,
         response_model=ImagesResponse,
-        responses=ERRORS,
+        responses=errors,
         tags=["openai"],
     )
     async def images_generations(body: ImagesGenerationRequest, request: Request):
         context = request.state.irt
         context.user = body.user
+        negotiate(request.headers.get("accept"), JSON)
         check_openai_fields(body)
         done = await service.generate(body, context)
         payload = {
@@ -83,14 +89,14 @@ def add_openai_routes(app: FastAPI, service: GenerationService, check_api_key) -
         }
         return JSONResponse(payload, headers=done.headers)
 
-    @app.get("/v1/models", dependencies=[Depends(check_api_key)], response_model=ModelList, responses=ERRORS, tags=["openai"])
-    async def list_models():
+    @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=get_errors, tags=["openai"])
+    async def list_models(request: Request):
+        negotiate(request.headers.get("accept"), JSON)
         return {"object": "list", "data": [service.info()]}
 
-    @app.get(
-        "/v1/models/{model}", dependencies=[Depends(check_api_key)], response_model=ModelOut, responses=ERRORS, tags=["openai"]
-    )
-    async def get_model(model: str):
+    @app.get("/v1/models/{model}", dependencies=guarded, response_model=ModelOut, responses=get_errors, tags=["openai"])
+    async def get_model(model: str, request: Request):
+        negotiate(request.headers.get("accept"), JSON)
         if model != service.model_name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {service.model_name!r}", param="model", code="model_not_found")
         return service.info()

@@ -40,13 +40,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imageragturbo.errors import ConfigError
+from imageragturbo.service.replica import (  # noqa: F401 (part of this module's API)
+    REPLICA_HEADER,
+    ReplicaHeaderMiddleware,
+    labelled_registry,
+    start_metrics_listener,
+)
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "imageragturbo"
 DEPLOYMENT_NAME = "ImageRagTurbo"
-REPLICA_HEADER = "X-IRT-Replica"
-REPLICA_LABEL = "replica"
 INSTALL_HINT = "Ray Serve is not installed: pip install 'imageragturbo[ray]' (or pip install \"ray[serve]==2.60.0\")"
 
 
@@ -195,84 +199,6 @@ def replica_args(args: dict[str, Any] | ReplicaArgs) -> ReplicaArgs:
 # -- what each replica adds to the app (no Ray needed) ---------------------------------------
 
 
-class ReplicaHeaderMiddleware:
-    """Pure ASGI: adds ``X-IRT-Replica: <replica>`` to every HTTP answer.
-
-    Ray's HTTP server puts an ``X-Request-ID`` into every request that has none and appends the
-    request's ``X-Request-ID`` to every answer; the app sends back the same id (it takes a sane
-    client id as its own), so ``proxy_adds_request_id`` drops the app's copy when it is that very
-    value: one header, not two equal ones. An id the app replaced (not sane) stays."""
-
-    def __init__(self, app, replica: str, *, proxy_adds_request_id: bool = False):
-        self.app = app
-        self.header = (REPLICA_HEADER.lower().encode("latin-1"), replica.encode("latin-1"))
-        self.proxy_adds_request_id = proxy_adds_request_id
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = None
-        if self.proxy_adds_request_id:
-            headers = scope.get("headers", ())
-            incoming = next((value for name, value in headers if name.lower() == b"x-request-id"), None)
-
-        async def send_with_replica(message):
-            if message["type"] == "http.response.start":
-                headers = [
-                    (name, value) for name, value in message.get("headers", ())
-                    if incoming is None or name.lower() != b"x-request-id" or value != incoming
-                ]
-                message = {**message, "headers": [*headers, self.header]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_replica)
-
-
-class _LabelledCollector:
-    """Every sample of ``registry`` with ``{label: value}`` added."""
-
-    def __init__(self, registry, label: str, value: str):
-        self.registry, self.label, self.value = registry, label, value
-
-    def describe(self):
-        return []  # no name checks: the source registry made them
-
-    def collect(self):
-        from prometheus_client.metrics_core import Metric
-
-        for family in self.registry.collect():
-            labelled = Metric(family.name, family.documentation, family.type, family.unit)
-            labelled.samples = [s._replace(labels={**s.labels, self.label: self.value}) for s in family.samples]
-            yield labelled
-
-
-def labelled_registry(registry, replica: str):
-    """A registry that exposes ``registry``'s series with ``replica="<replica>"``."""
-    from prometheus_client import CollectorRegistry
-
-    out = CollectorRegistry(auto_describe=False)
-    out.register(_LabelledCollector(registry, REPLICA_LABEL, replica))
-    return out
-
-
-def start_metrics_listener(registry, host: str, base_port: int, offset: int, tries: int = 64):
-    """Serve ``registry`` on ``base_port + offset`` (the next free port after it when taken);
-    returns (server, port), or (None, None) when ``base_port`` is 0 or no port was free."""
-    from prometheus_client import start_http_server
-
-    if base_port == 0:
-        return None, None
-    for port in range(base_port + offset, min(base_port + offset + tries, 65536)):
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=registry)
-            return server, port
-        except OSError:
-            continue
-    logger.warning("no free port for the replica's metrics from %d on; only GET /metrics answers", base_port + offset)
-    return None, None
-
-
 def wait_until_warm(app, batcher, timeout_s: float) -> None:
     """Make ``app``'s start-up (its ASGI lifespan) end only when ``batcher`` is warm, so the
     replica takes requests only once /readyz would say ready; a worker that dies during its
@@ -301,32 +227,20 @@ def wait_until_warm(app, batcher, timeout_s: float) -> None:
 def build_service_app(args: ReplicaArgs, *, threads: int | None = None):
     """The FastAPI app of one replica, opened as ``imageragturbo serve`` opens it (settings,
     databases verified unless IRT_VERIFY_DATABASES=0, the engine). Returns (app, settings)."""
-    from imageragturbo.engines.pipeline_engines import use_engine
-    from imageragturbo.model import pipeline
-    from imageragturbo.retrieval.disk import model_databases
-    from imageragturbo.service import app as service_app
+    from imageragturbo.paths import default_model_dir
     from imageragturbo.service import settings as service_settings
+    from imageragturbo.service.serve import open_app
 
     settings = service_settings.settings_from_flags(**args.settings)
     if settings.threads is None and threads is not None:
         settings = settings.model_copy(update={"threads": threads})
-    from imageragturbo.paths import default_model_dir
-
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise ConfigError(f"model directory not found on this replica's node: {model_dir}")
-    databases = list(args.databases) or model_databases(model_dir)
-    # device and dtype where the settings have them (IRT_DEVICE / IRT_DTYPE), as serve passes them.
-    placement = {name: getattr(settings, name) for name in ("device", "dtype") if hasattr(settings, name)}
-    pipe = pipeline.open_pipeline(
-        model_dir, databases=databases, adapter_dir=args.adapter, lora_dir=args.lora,
-        verify=settings.verify_databases, **placement,
+    app = open_app(
+        model_dir, settings, databases=args.databases, engine=args.engine,
+        engine_dir=Path(args.engine_dir) if args.engine_dir else None, adapter_dir=args.adapter, lora_dir=args.lora,
     )
-    if hasattr(settings, "batch_invariant"):
-        pipe.batch_invariant = settings.batch_invariant
-    engine_dir = Path(args.engine_dir) if args.engine_dir else None
-    use_engine(pipe, args.engine, engine_dir, **({"threads": settings.threads} if args.engine == "onnxruntime" else {}))
-    app = service_app.create_app(pipe, settings, model_name=model_dir.name, engine=args.engine)
     return app, settings
 
 

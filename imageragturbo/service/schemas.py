@@ -1,56 +1,84 @@
 """Wire formats of POST /generate and of the OpenAI-shaped POST /v1/images/generations and
-GET /v1/models. Unknown fields are refused, never ignored."""
+GET /v1/models. Unknown fields are refused, never ignored.
+
+Numbers are JSON numbers and nothing else: ``"3"`` and ``true`` are refused everywhere. An
+integer field takes what JSON Schema calls an integer, so ``3.0`` is 3 and ``3.5`` is refused.
+A prompt is 1 to MAX_PROMPT_CHARS characters as sent, at least one of them not whitespace; the
+whitespace around it is trimmed before the model reads it.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**63 - 1
 MAX_K = 16
 MAX_N = 10
+FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+VISIBLE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""The prompt's pattern in the OpenAPI document: a character that is not whitespace as
+``str.strip`` (the check below) sees it. Spelled out: ``\\S`` means other characters in
+ECMA-262 regexes (JSON Schema's), in Python's and in pydantic's (U+001E, U+0085, U+FEFF)."""
 
-def _has_text(prompt: str) -> str:
-    # pydantic strips ASCII whitespace only; Python's str.strip (the pipeline's check) also
-    # strips separators such as U+001E, which would otherwise reach the model as an empty prompt.
-    if not prompt.strip():
-        raise ValueError("the prompt holds no visible character")
-    return prompt
+
+def _trimmed_visible(prompt: str) -> str:
+    trimmed = prompt.strip()
+    if not trimmed:
+        raise PydanticCustomError(
+            "string_too_short", "String should have at least 1 character that is not whitespace (no visible character)"
+        )
+    return trimmed
+
+
+def _json_integer(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, float):
+        if not value.is_integer():  # also NaN and infinities
+            raise PydanticCustomError("int_from_float", "Input should be a valid integer, got a number with a fractional part")
+        return int(value)
+    return value
+
+
+def _json_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any double
+        return math.inf
 
 
 Prompt = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_has_text)
+    str,
+    Field(min_length=1, max_length=MAX_PROMPT_CHARS, json_schema_extra={"pattern": VISIBLE}),
+    AfterValidator(_trimmed_visible),
 ]
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+JsonNumber = Annotated[float, BeforeValidator(_json_number)]
 
 
 class GenerateRequest(BaseModel):
-    """Images of one prompt. Numbers are strict JSON numbers: ``"3"`` and ``true`` are not
-    integers here."""
+    """Images of one prompt (the module's docstring says how numbers and prompts are read)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Prompt = Field(description=f"1 to {MAX_PROMPT_CHARS} characters after trimming whitespace")
-    seed: StrictInt | None = Field(
+    prompt: Prompt = Field(
+        description=f"1 to {MAX_PROMPT_CHARS} characters, at least one not whitespace (the model reads it trimmed)"
+    )
+    # The bounds go before the validator: after it, pydantic's JSON schema writes them as "ge"/"le".
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_json_integer)] | None = Field(
         None,
-        ge=0,
-        le=MAX_SEED,
         description="noise seed of the first image (image i gets seed + i); random seeds are drawn (and echoed) "
         "when absent",
     )
-    steps: StrictInt = Field(1, ge=1, le=4, description="UNet passes (the paper's few-step schedule)")
+    steps: JsonInt = Field(1, ge=1, le=4, description="UNet passes (the paper's few-step schedule)")
     mode: Literal["adapter", "inject", "off"] | None = Field(
         None,
         description=(
@@ -61,14 +89,25 @@ class GenerateRequest(BaseModel):
             "(the answer says which ran)"
         ),
     )
-    inject_w: float = Field(
-        0.8, gt=0, le=1, allow_inf_nan=False, description="injection blend w, 0 < w <= 1 (mode inject)"
+    inject_w: JsonNumber = Field(
+        0.8,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="injection blend w, 0 < w <= 1 (mode inject); the model blends in float32, where a w below "
+        f"{FLOAT32_TINY:.1e} counts as {FLOAT32_TINY:.1e}",
     )
-    k: StrictInt = Field(4, ge=1, le=MAX_K, description="neighbours to retrieve (at most the database size)")
+    k: JsonInt = Field(
+        4,
+        ge=1,
+        le=MAX_K,
+        description="neighbours to retrieve, at most the database's rows whatever the mode (the default, 4, "
+        "shrinks to a smaller database's size)",
+    )
     database: str | None = Field(
         None, max_length=128, description="a configured database name (default: the model's default database)"
     )
-    n: StrictInt = Field(
+    n: JsonInt = Field(
         1, ge=1, le=MAX_N, description=f"images of this prompt, 1 to {MAX_N}, made in one pipeline call"
     )
     neighbor_images: StrictBool = Field(
@@ -80,11 +119,9 @@ class GenerateRequest(BaseModel):
     @field_validator("inject_w")
     @classmethod
     def _positive_in_float32(cls, w: float) -> float:
-        # The model blends in float32: a positive double below float32's smallest subnormal
-        # would become a zero weight there.
-        if not np.float32(w) > 0:
-            raise ValueError(f"inject_w must be at least {float(np.finfo(np.float32).smallest_subnormal):.1e} (float32), got {w!r}")
-        return w
+        # Every w > 0 is accepted (the document's exclusiveMinimum 0); one that float32 would
+        # round to zero blends as the smallest float32 instead.
+        return max(w, FLOAT32_TINY)
 
     @model_validator(mode="after")
     def _seeds_fit(self):
@@ -199,6 +236,18 @@ class ModelList(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in one sentence")
     request_id: str = Field(description="this request's X-Request-ID")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field at fault, dotted ('body': the body as a whole)")
+    message: str
+    type: str = Field(description="the kind of problem (missing, string_too_long, int_type, ...)")
+
+
+class ValidationErrorResponse(ErrorResponse):
+    """A 422: ``detail`` joins the problems into one sentence; ``errors`` lists them."""
+
+    errors: list[FieldError]
 
 
 class OpenAIErrorDetail(BaseModel):

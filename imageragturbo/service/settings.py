@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A host name or IPv4 address, "*.example.com" (any subdomain), "[::1]" (IPv6), or "*" (any host).
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 
 
 class ServiceSettings(BaseSettings):
@@ -29,6 +34,13 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, POST /generate needs 'Authorization: Bearer <key>'")
     max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies get 413")
     warmup: bool = Field(True, description="run one generation per mode before /readyz turns ready")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where the torch modules run: cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="the torch modules' precision")
+    batch_invariant: bool = Field(
+        True,
+        description="compute every image exactly as it would be alone, in any batch (off: the stock kernels, "
+        "faster batches whose images may differ by a grey level from the same request alone)",
+    )
     verify_databases: bool = Field(
         True,
         description="recompute every database file's checksum and check every stored value at start; off only "
@@ -47,6 +59,32 @@ class ServiceSettings(BaseSettings):
         False,
         description="refuse (422) a prompt with words outside the model's vocabulary instead of warning about them",
     )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1 << 20, description="a request line plus header fields larger than this gets 431"
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "a request whose headers and body have not all arrived this long after its first byte (or after its "
+            "connection opened) is cut: 408, counted in irt_slow_clients_total"
+        ),
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "open connections at most; one more first closes the connection that has waited longest for its "
+            "request (503 when every open connection has a request in flight)"
+        ),
+    )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="comma-separated Host names this server answers ('*.example.com' for subdomains); another "
+        "Host gets 400. Empty: any host",
+    )
     access_log: bool = Field(True, description="one structured (JSON) log line per request")
     log_prompts: bool = Field(False, description="put the prompt in the access log line (off: prompts are not logged)")
 
@@ -58,6 +96,18 @@ class ServiceSettings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated_hosts(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        hosts = tuple(str(host).strip().lower() for host in value or ())
+        hosts = tuple(host for host in hosts if host)
+        bad = [host for host in hosts if not HOST_PATTERN.fullmatch(host)]
+        if bad:
+            raise ValueError(f"not a host name (give names without scheme, port or path): {', '.join(bad)}")
+        return hosts
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -179,6 +179,6 @@ def test_serve_can_skip_the_checks_for_stores_verified_elsewhere(folder, tiny_mo
     seen = []
     monkeypatch.setattr(pipeline_module, "open_pipeline", lambda *a, **kw: seen.append(kw["verify"]) or 1 / 0)
     for flags in ({}, {"verify_databases": False}):
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(serve_module.ServeFailedError, match="ZeroDivisionError"):
             serve_module.serve(tiny_model_dir, databases=[f"db={folder}"], **flags)
     assert seen == [True, False]

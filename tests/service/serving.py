@@ -42,11 +42,18 @@ CAPTIONS = [
 
 
 def build_tiny_pipeline(
-    model_dir: Path, *, adapter: bool = True, database: bool = True, databases: tuple[str, ...] = ("shapes",), tokenizer=None
+    model_dir: Path,
+    *,
+    adapter: bool = True,
+    database: bool = True,
+    databases: tuple[str, ...] = ("shapes",),
+    tokenizer=None,
+    rows: dict[str, int] | None = None,
 ):
     """A RagTurboPipeline over a tiny model dir, with a random (non-zero) adapter and in-memory
-    databases (``databases``, the first the default) of six captions with random latents (kept,
-    so neighbours can be drawn), as tests/model does; ``tokenizer`` replaces the model's."""
+    databases (``databases``, the first the default) of six captions (or ``rows[name]``) with
+    random latents (kept, so neighbours can be drawn), as tests/model does; ``tokenizer``
+    replaces the model's."""
     from imageragturbo.retrieval import ExactSearcher, InMemoryFeatureStore, RetrievalDatabase
     from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
 
@@ -59,15 +66,16 @@ def build_tiny_pipeline(
         torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
     pipe = RagTurboPipeline(parts)
     for i, name in enumerate(databases if database else ()):
+        captions = CAPTIONS[: (rows or {}).get(name, len(CAPTIONS))]
         gen = torch.Generator().manual_seed(i)
-        z0 = torch.randn(len(CAPTIONS), *pipe.latent_shape, generator=gen)
-        e, h = pipe.encode_database_rows(z0, CAPTIONS)
+        z0 = torch.randn(len(captions), *pipe.latent_shape, generator=gen)
+        e, h = pipe.encode_database_rows(z0, captions)
         store = InMemoryFeatureStore(
             e.numpy(),
             h.numpy().astype(np.float16),
-            CAPTIONS,
+            captions,
             pipe.components.model_id,
-            source_ids=[f"{name}-{j}" for j in range(len(CAPTIONS))] if i else None,
+            source_ids=[f"{name}-{j}" for j in range(len(captions))] if i else None,
             z0=z0.numpy().astype(np.float16),
         )
         pipe.add_database(RetrievalDatabase(name, ExactSearcher(e.numpy()), store))
@@ -115,11 +123,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None, thread=None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the server thread ended before it was ready")
         try:
             if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
                 return
@@ -130,21 +140,22 @@ def wait_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen | No
 
 
 class ServerThread:
-    """The real uvicorn server, in a thread of this process (uvicorn installs no signal
-    handlers off the main thread); ``stop()`` asks it to exit as SIGTERM would."""
+    """The real uvicorn server as ``imageragturbo serve`` configures it (connection limits and
+    all), in a thread of this process (uvicorn installs no signal handlers off the main thread);
+    ``stop()`` asks it to exit as SIGTERM would."""
 
     def __init__(self, app):
-        import uvicorn
+        from imageragturbo.service.http_server import make_server
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
+        settings = app.state.service.settings
+        self.server = make_server(app, host="127.0.0.1", port=self.port, settings=settings, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        wait_ready(self.url, timeout_s=300.0)
+        wait_ready(self.url, timeout_s=300.0, thread=self.thread)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -113,7 +113,6 @@ BAD_INPUTS = [
     ({"prompt": "a", "k": 17}, 422, "k: Input should be less than or equal to 16"),
     ({"prompt": "a", "k": 7}, 422, "k must be at most 6, the size of database 'shapes'"),
     ({"prompt": "a", "inject_w": 0}, 422, "inject_w: Input should be greater than 0"),
-    ({"prompt": "a", "inject_w": 1e-300}, 422, "inject_w: Value error, inject_w must be at least 1.4e-45 (float32)"),
     ({"prompt": "a", "inject_w": 1.5}, 422, "inject_w: Input should be less than or equal to 1"),
     ({"prompt": "a", "inject_w": "lots"}, 422, "inject_w: Input should be a valid number"),
     ({"prompt": "a", "mode": "fast"}, 422, "mode: Input should be 'adapter', 'inject' or 'off'"),
@@ -255,7 +254,9 @@ def test_failing_batch_is_500_with_its_message_and_the_server_keeps_serving(tiny
     with ServerThread(create_app(FlakyPipe(tiny_pipe), ServiceSettings(max_batch=1), model_name="flaky")) as running:
         failed = httpx.post(f"{running.url}/generate", json={"prompt": "explode now", "mode": "off"}, timeout=60)
         assert failed.status_code == 500
-        assert failed.json()["detail"] == "generation failed: RuntimeError: CUDA error: out of memory (simulated)"
+        # The exception is in the log (under the request id), never in the answer.
+        assert failed.json()["detail"] == f"internal error, request id {failed.headers['x-request-id']}"
+        assert "CUDA" not in failed.text and "RuntimeError" not in failed.text
         assert httpx.post(f"{running.url}/generate", json={"prompt": "fine", "mode": "off"}, timeout=60).status_code == 200
         assert httpx.get(f"{running.url}/healthz").status_code == 200
         counts = _status_counts(running.url)
@@ -305,7 +306,8 @@ def test_readyz_is_503_until_warm_up_is_done(tiny_pipe):
 
 def test_openapi_documents_the_error_statuses(server):
     operation = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/generate"]["post"]
-    assert {"200", "401", "404", "413", "422", "429", "500", "503", "504"} <= set(operation["responses"])
+    assert {"200", "400", "404", "406", "408", "413", "422", "429", "431", "500", "503", "504"} <= set(operation["responses"])
+    assert "401" not in operation["responses"]  # no IRT_API_KEY here: nothing to authenticate
     assert set(operation["responses"]["200"]["content"]) == {"application/json", "image/png"}
 
 
