@@ -229,17 +229,19 @@ def build_service_app(args: ReplicaArgs, *, threads: int | None = None):
     databases verified unless IRT_VERIFY_DATABASES=0, the engine). Returns (app, settings)."""
     from imageragturbo.paths import default_model_dir
     from imageragturbo.service import settings as service_settings
-    from imageragturbo.service.serve import open_app
+    from imageragturbo.service.serve import open_app, resolve_served_model
 
     settings = service_settings.settings_from_flags(**args.settings)
     if settings.threads is None and threads is not None:
         settings = settings.model_copy(update={"threads": threads})
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    if not model_dir.is_dir():
-        raise ConfigError(f"model directory not found on this replica's node: {model_dir}")
+    try:
+        model_dir, model_name = resolve_served_model(args.model or default_model_dir())
+    except ConfigError as exc:
+        raise ConfigError(f"on this replica's node: {exc}") from exc
     app = open_app(
         model_dir, settings, databases=args.databases, engine=args.engine,
         engine_dir=Path(args.engine_dir) if args.engine_dir else None, adapter_dir=args.adapter, lora_dir=args.lora,
+        model_name=model_name,
     )
     return app, settings
 

@@ -32,6 +32,25 @@ def serve(model_dir: Path, **options) -> None:
         raise ServeFailedError(f"cannot serve {model_dir}: {reason}") from exc
 
 
+def resolve_served_model(model: str | Path) -> tuple[Path, str]:
+    """(folder, the name the API gives the model) for ``--model``: a model folder (named after
+    it), or a Hugging Face repo id (``owner/name[@revision]``) whose snapshot is in the local
+    Hugging Face cache (named ``name``); nothing is downloaded. Raises ConfigError (a missing
+    folder) or ModelLoadError (an id not in the cache), each naming what to do."""
+    path = Path(model)
+    if path.is_dir():
+        return path, path.name
+    from imageragturbo.model.loading import REPO_ID_PATTERN, resolve_model_dir
+
+    repo_id = str(model).partition("@")[0]
+    if path.exists() or not REPO_ID_PATTERN.match(repo_id):
+        raise ConfigError(
+            f"model directory not found: {path} (train the bundled model with `make world`, "
+            "or pass --model DIR / set IRT_MODEL, or a Hugging Face id whose snapshot is in the local cache)"
+        )
+    return resolve_model_dir(model), repo_id.split("/")[-1]
+
+
 def open_app(
     model_dir: Path,
     settings: service_settings.ServiceSettings,
@@ -41,6 +60,7 @@ def open_app(
     engine_dir: Path | None = None,
     adapter_dir: Path | None = None,
     lora_dir: Path | None = None,
+    model_name: str | None = None,
 ):
     """The service's FastAPI app over the model in ``model_dir``, opened as every server opens
     it (``imageragturbo serve`` and each Ray Serve replica): the pipeline on the settings'
@@ -61,7 +81,7 @@ def open_app(
     pipe.batch_invariant = settings.batch_invariant
     # The worker still calls only the pipeline; the pipeline runs its stages on the engines.
     use_engine(pipe, engine, engine_dir, **({"threads": settings.threads} if engine == "onnxruntime" else {}))
-    return service_app.create_app(pipe, settings, model_name=model_dir.name, engine=engine)
+    return service_app.create_app(pipe, settings, model_name=model_name or model_dir.name, engine=engine)
 
 
 def _serve(
@@ -81,18 +101,13 @@ def _serve(
     (none: the model's own, :func:`imageragturbo.retrieval.disk.model_databases`); ``settings_flags`` are
     :class:`ServiceSettings` fields given on the command line (None: from ``IRT_*``)."""
     settings = service_settings.settings_from_flags(**settings_flags)
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ConfigError(
-            f"model directory not found: {model_dir} (train the bundled model with `make world`, "
-            "or pass --model DIR / set IRT_MODEL)"
-        )
+    model_dir, model_name = resolve_served_model(model_dir)
     if settings.threads is None:
         settings = settings.model_copy(update={"threads": service_settings.default_worker_threads()})
 
     app = open_app(
         model_dir, settings, databases=databases, engine=engine, engine_dir=engine_dir, adapter_dir=adapter_dir,
-        lora_dir=lora_dir,
+        lora_dir=lora_dir, model_name=model_name,
     )
     service = app.state.service
     print(

@@ -307,3 +307,34 @@ def test_wheel_install_finds_its_model_or_says_how(tmp_path, tiny_v_model_dir):
     found = subprocess.run(argv, cwd=tmp_path, env=env | {"IRT_MODEL": str(tiny_v_model_dir)}, **run)
     assert found.returncode == 0, found.stderr
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_takes_a_cached_hub_id_and_names_the_model_after_it(tiny_v_model_dir, tmp_path, monkeypatch, no_network):
+    from imageragturbo.errors import ConfigError
+    from imageragturbo.service.serve import resolve_served_model
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    snapshot = build_fake_hub_cache(cache, "someone/tiny-turbo", tiny_v_model_dir)
+    assert resolve_served_model("someone/tiny-turbo") == (snapshot, "tiny-turbo")
+    assert resolve_served_model(f"someone/tiny-turbo@{COMMIT}") == (snapshot, "tiny-turbo")
+    assert resolve_served_model(tiny_v_model_dir) == (tiny_v_model_dir, tiny_v_model_dir.name)
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        resolve_served_model("someone/absent")
+    with pytest.raises(ConfigError, match="model directory not found"):
+        resolve_served_model(tmp_path / "nowhere")
+
+
+def test_the_server_answers_under_the_hub_id_s_name(tiny_v_model_dir, tmp_path, monkeypatch, no_network):
+    from fastapi.testclient import TestClient
+
+    from imageragturbo.service import ServiceSettings
+    from imageragturbo.service.serve import open_app, resolve_served_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    build_fake_hub_cache(tmp_path / "hub", "someone/tiny-turbo", tiny_v_model_dir)
+    model_dir, name = resolve_served_model("someone/tiny-turbo")
+    app = open_app(model_dir, ServiceSettings(warmup=False, verify_databases=False), model_name=name)
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-turbo"]
