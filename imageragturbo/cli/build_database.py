@@ -29,7 +29,17 @@ def register(sub) -> None:
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's database stream")
     p.add_argument("--style", choices=("dim", "grey", "bright"), default=None,
                    help="render every --world pair on this background style (default: drawn per pair)")
-    p.add_argument("--searcher", choices=options.searcher_kinds(), default="auto", help="auto: exact under 20k pairs, else scann")
+    p.add_argument("--searcher", choices=options.searcher_kinds(), default="auto",
+                   help="auto: exact under 20k pairs, else scann; milvus: the keys in a Milvus collection "
+                   "(pip install '.[milvus]'), the payload in this folder")
+    p.add_argument("--h-dtype", choices=options.h_dtype_choices(), default="auto",
+                   help="how H-features are stored: float16, int8 (one scale per row and channel, half the "
+                   "size), auto: int8 above 8 GiB of float16 H-features")
+    p.add_argument("--milvus-uri", default=None,
+                   help="with --searcher milvus: a Milvus server (http://host:19530; token from IRT_MILVUS_TOKEN) "
+                   "instead of a Milvus Lite folder inside the database (the default)")
+    p.add_argument("--milvus-index", choices=options.milvus_index_types(), default="HNSW",
+                   help="with --searcher milvus: the collection's index (default: HNSW)")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
     p.add_argument("--chunk-size", type=int, default=1024, help="pairs per durable chunk (the unit of --resume)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build of the same pairs with the same model")
@@ -52,12 +62,16 @@ def build(args) -> int:
     from imageragturbo.model import RagTurboPipeline
 
     source = WorldPairs(args.world, args.world_seed, style=args.style) if args.world is not None else open_pairs(args.pairs)
+    if args.searcher != "milvus" and (args.milvus_uri is not None or args.milvus_index != "HNSW"):
+        raise options.CliError("--milvus-uri and --milvus-index need --searcher milvus")
+    milvus = {"index_type": args.milvus_index, **({"uri": args.milvus_uri} if args.milvus_uri else {})}
     pipe = RagTurboPipeline.from_pretrained(options.model_dir(args))
     result = build_database(pipe, source, args.out, searcher=args.searcher, batch_size=args.batch_size,
-                         chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                            searcher_params=milvus if args.searcher == "milvus" else None, h_dtype=args.h_dtype,
+                            chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     print(
-        f"wrote {result.path}: {result.count} pairs, searcher {result.searcher['kind']}, "
+        f"wrote {result.path}: {result.count} pairs, searcher {result.searcher['kind']}, H-features {result.h_dtype}, "
         f"model {pipe.components.model_id}, {result.seconds:.1f} s"
         + (f" (resumed after {result.resumed_chunks} chunks)" if result.resumed_chunks else ""),
         file=sys.stderr,

@@ -133,6 +133,18 @@ def searcher_kinds() -> tuple[str, ...]:
     return SEARCHER_KINDS
 
 
+def h_dtype_choices() -> tuple[str, ...]:
+    from imageragturbo.retrieval.build import H_DTYPE_CHOICES
+
+    return H_DTYPE_CHOICES
+
+
+def milvus_index_types() -> tuple[str, ...]:
+    from imageragturbo.retrieval.milvus import INDEX_TYPES
+
+    return INDEX_TYPES
+
+
 # -- databases -------------------------------------------------------------------------------------
 
 

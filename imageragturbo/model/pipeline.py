@@ -348,6 +348,7 @@ def open_pipeline(
     base_only: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    warm: bool = False,
 ) -> RagTurboPipeline:
     """A model directory and its retrieval databases, as the CLI and the server open them.
 
@@ -357,7 +358,9 @@ def open_pipeline(
     ``DatabaseLoadError`` (both ``ValueError``) naming the file at fault. ``base_only`` leaves
     out the adapter and the decoder LoRA: the plain one-step model. ``device`` / ``dtype``
     are where and in what precision the torch modules run (None: ``IRT_DEVICE`` /
-    ``IRT_DTYPE``, else cpu / float32).
+    ``IRT_DTYPE``, else cpu / float32). ``warm`` reads each database's memory-mapped arrays
+    into the page cache once, when they fit in memory (progress in the log; the bundled
+    databases are read into process memory at open and have nothing mapped to warm).
     """
     from imageragturbo.retrieval.disk import DatabaseLoadError, load_database, model_databases, parse_database_spec
 
@@ -368,7 +371,7 @@ def open_pipeline(
     for spec in model_databases(model_dir) if databases is None else databases:
         name, path = parse_database_spec(spec)
         try:
-            database = load_database(name, path, verify=verify, model_id=pipe.components.model_id)
+            database = load_database(name, path, verify=verify, model_id=pipe.components.model_id, warm=warm)
         except (DatabaseLoadError, OSError) as exc:
             # Name the database too: with several --database flags the folder alone is ambiguous.
             raise DatabaseLoadError(f"cannot load database {name!r} from {path}: {exc}") from exc

@@ -6,7 +6,10 @@ A database folder holds::
                         file its sha256 (arrays also their shape and dtype)
     text_emb.npy        float32 [N, Dq]   pooled, L2-normalised text embeddings (the search keys)
     z0.npy              float16 [N, c, h, w]   scaled VAE latents of the images
-    h_retr.npy          float16 [N, C, h', w'] UNet-encoder mid-block output at t = 0, own caption
+    h_retr.npy          float16 [N, C, h', w'] UNet-encoder mid-block output at t = 0, own caption,
+                        or int8 [N, C, h', w'] with
+    h_scale.npy         float16 (or float32) [N, C]: one scale per row and channel, h = q * scale
+                        (format_version 2; see ``H_DTYPES``)
     captions.json       N strings
     source_ids.json     N strings (the pair's name in its source dataset)
     searcher/           the serialised searcher (ScaNN assets, BM25 arrays; empty for exact)
@@ -19,28 +22,43 @@ manifest is written, so a folder without ``manifest.json`` is never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.errors import ConfigError, ImageRagTurboError
+from imageragturbo.errors import ConfigError
+# The manifest's names and checks live in checks.py; they are imported from here by callers.
+from imageragturbo.retrieval.checks import (  # noqa: F401
+    ARRAYS,
+    CHECKSUM_PROGRESS_S,
+    FORMAT,
+    FORMAT_VERSION,
+    FORMAT_VERSION_INT8,
+    H_DTYPES,
+    H_SCALE,
+    MANIFEST,
+    READABLE_VERSIONS,
+    SCALE_DTYPES,
+    SEARCHER_DIR,
+    TEXT_FILES,
+    VALUE_CHECK_ROWS,
+    DatabaseLoadError,
+    inside,
+    read_json,
+    read_manifest,
+    sha256_file,
+    verify_checksums,
+    verify_values,
+)
 from imageragturbo.retrieval.database import RetrievalDatabase
+from imageragturbo.retrieval.quantize import dequantize_h
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "imageragturbo-index"
-FORMAT_VERSION = 1
-ARRAYS = ("text_emb", "z0", "h_retr")
-TEXT_FILES = ("captions.json", "source_ids.json")
-SEARCHER_DIR = "searcher"
 DIRECT_GATHER_MAX = 64
 """Up to this many ids a gather indexes the memory map directly: a request's few rows cost
 the same in any order, and sorting them first would cost more than the read
@@ -48,24 +66,26 @@ the same in any order, and sorting them first would cost more than the read
 RESIDENT_MAX_BYTES = 64 << 20
 """Store arrays up to this size are copied into memory when a database is opened; larger
 ones are gathered from the memory map."""
+WARM_MAX_SHARE = 0.8
+""":meth:`MemmapFeatureStore.warm_up` reads a store only if it takes at most this share of the
+memory available (MemAvailable, which counts page cache that can be reclaimed, so a store
+already cached counts as fitting)."""
+WARM_BLOCK = 16 << 20
+"""Bytes per read of the warm-up pass."""
 
 
-class DatabaseLoadError(ImageRagTurboError, ValueError):
-    """A database folder is missing, incomplete, corrupt or built with another model."""
+def memory_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 # -- files written safely ---------------------------------------------------------------------
-
-
-def sha256_file(path: Path, block: int = 1 << 22, on_read=None) -> str:
-    """The file's sha256, read in ``block``-byte chunks; ``on_read(n)`` after each chunk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-            if on_read is not None:
-                on_read(len(chunk))
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -89,173 +109,7 @@ def write_text_durably(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def read_json(path: Path, what: str) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DatabaseLoadError(f"missing {what}: {path}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatabaseLoadError(f"malformed {what} {path}: {exc}") from exc
-    except OSError as exc:  # a directory, no permission, an I/O error
-        raise DatabaseLoadError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-
-
-# -- the manifest -----------------------------------------------------------------------------
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of database folder ``path``, with every field the loader relies on checked
-    for its type, and every file it names inside the folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DatabaseLoadError(f"database folder not found: {path}")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise DatabaseLoadError(
-            f"{path} has no {MANIFEST}: not a database folder, or a build that never finished "
-            "(rerun build-database, with --resume to continue it)"
-        )
-    manifest = read_json(manifest_path, "database manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatabaseLoadError(f"{manifest_path}: not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatabaseLoadError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
-
-    def bad(field: str, expected: str) -> DatabaseLoadError:
-        return DatabaseLoadError(f"{manifest_path}: field {field!r} must be {expected}, got {manifest_value(field)!r}")
-
-    def manifest_value(field: str):
-        value = manifest
-        for key in field.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        return value
-
-    for key in ("model_id", "count", "arrays", "files", "searcher"):
-        if key not in manifest:
-            raise DatabaseLoadError(f"{manifest_path}: missing field {key!r}")
-    if not isinstance(manifest["model_id"], str) or not manifest["model_id"]:
-        raise bad("model_id", "a non-empty string")
-    if not _is_count(manifest["count"]):
-        raise bad("count", "a non-negative integer")
-    if not isinstance(manifest["arrays"], dict):
-        raise bad("arrays", "an object of {name: {file, shape, dtype, sha256}}")
-    missing = [name for name in ARRAYS if name not in manifest["arrays"]]
-    if missing:
-        raise DatabaseLoadError(f"{manifest_path}: no entry for arrays {missing}")
-    for name in ARRAYS:
-        spec = manifest["arrays"][name]
-        if not isinstance(spec, dict):
-            raise bad(f"arrays.{name}", "an object of {file, shape, dtype, sha256}")
-        for key in ("file", "shape", "dtype", "sha256"):
-            if key not in spec:
-                raise DatabaseLoadError(f"{manifest_path}: arrays.{name} has no {key!r}")
-        if not isinstance(spec["shape"], list) or not spec["shape"] or not all(_is_count(d) for d in spec["shape"]):
-            raise bad(f"arrays.{name}.shape", "a non-empty list of non-negative integers")
-        if not isinstance(spec["dtype"], str):
-            raise bad(f"arrays.{name}.dtype", "a string")
-        if not _is_sha256(spec["sha256"]):
-            raise bad(f"arrays.{name}.sha256", "64 hex digits")
-        inside(path, spec["file"], f"{manifest_path}: arrays.{name}.file")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(k, str) and _is_sha256(v) for k, v in files.items()):
-        raise bad("files", "an object of {file: sha256}")
-    for name in files:
-        inside(path, name, f"{manifest_path}: files")
-    searcher = manifest["searcher"]
-    if not isinstance(searcher, dict) or not isinstance(searcher.get("kind"), str):
-        raise bad("searcher", "an object with a 'kind'")
-    if not isinstance(searcher.get("params", {}), dict):
-        raise bad("searcher.params", "an object")
-    return manifest
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_sha256(value) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def inside(folder: Path, name, what: str) -> Path:
-    """``folder / name``, refusing a name that is not a relative path inside ``folder`` (an
-    absolute path, ``..``, or a link out of it): a manifest never makes us read elsewhere."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
-        raise DatabaseLoadError(f"{what}: {name!r} must be a relative file name inside {folder}")
-    file = folder / name
-    root = folder.resolve()
-    if not file.resolve().is_relative_to(root):
-        raise DatabaseLoadError(f"{what}: {name!r} points outside the database folder {folder}")
-    return file
-
-
-CHECKSUM_PROGRESS_S = 10.0
-"""A checksum pass longer than this logs its progress at this interval."""
-
-
-def verify_checksums(path: Path, manifest: dict) -> None:
-    """Recompute the sha256 of every file the manifest lists; raise naming the first mismatch.
-
-    Files are hashed on a few threads at once (hashlib releases the GIL), each in 4 MiB chunks,
-    so memory stays flat at any store size; a long pass logs how far it is."""
-    path = Path(path)
-    entries = {spec["file"]: spec["sha256"] for spec in manifest["arrays"].values()}
-    entries.update(manifest["files"])
-    files = {name: inside(path, name, f"{path / MANIFEST}") for name in sorted(entries)}
-    for file in files.values():
-        if not file.is_file():
-            raise DatabaseLoadError(f"{file}: listed in the manifest but missing")
-    total = sum(file.stat().st_size for file in files.values())
-    done, lock, started = [0, time.monotonic()], threading.Lock(), time.monotonic()
-
-    def on_read(n: int) -> None:
-        with lock:
-            done[0] += n
-            if time.monotonic() - done[1] >= CHECKSUM_PROGRESS_S:
-                done[1] = time.monotonic()
-                logger.warning("verifying %s: %.2f of %.2f GB checked", path, done[0] / 1e9, total / 1e9)
-
-    workers = max(1, min(len(files), os.cpu_count() or 1, 4))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        actual = dict(zip(files, pool.map(lambda f: sha256_file(f, on_read=on_read), files.values())))
-    for name, file in files.items():
-        if actual[name] != entries[name]:
-            raise DatabaseLoadError(
-                f"{file}: checksum mismatch (manifest sha256 {entries[name]}, file has {actual[name]}); "
-                "the database is corrupt (rebuild it)"
-            )
-    logger.info("verified %d files of %s (%.2f GB) in %.1f s", len(files), path, total / 1e9, time.monotonic() - started)
-
-
-VALUE_CHECK_ROWS = 8192
-"""Rows read per chunk by :func:`verify_values` (bounded memory at any database size)."""
-
-
-def verify_values(path: Path, store: MemmapFeatureStore, *, features: bool = True) -> None:
-    """Refuse a database whose values cannot be served: every text key finite and of unit
-    norm, every H-feature (and latent) finite. Raises :class:`DatabaseLoadError` naming the file
-    and the first bad row. ``features=False`` checks the keys only (they are small)."""
-    from imageragturbo.retrieval.searchers import UNIT_NORM_TOLERANCE
-
-    arrays = {name: a for name, a in store.arrays.items() if features or name == "text_emb"}
-    for name, array in arrays.items():
-        file = inside(path, store.manifest["arrays"][name]["file"], str(path / MANIFEST))
-        for start in range(0, array.shape[0], VALUE_CHECK_ROWS):
-            chunk = np.asarray(array[start : start + VALUE_CHECK_ROWS], dtype=np.float32).reshape(len(array[start : start + VALUE_CHECK_ROWS]), -1)
-            finite = np.isfinite(chunk).all(axis=1)
-            if not finite.all():
-                row = start + int(np.flatnonzero(~finite)[0])
-                raise DatabaseLoadError(f"{file}: row {row} holds NaN or infinite values; the database is corrupt (rebuild it)")
-            if name == "text_emb":
-                norms = np.linalg.norm(chunk.astype(np.float64), axis=1)  # float64: a huge value must not overflow
-                bad = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
-                if bad.any():
-                    row = start + int(np.flatnonzero(bad)[0])
-                    raise DatabaseLoadError(f"{file}: row {row} has norm {norms[bad][0]:.6g}, keys must be unit vectors; "
-                                         "the database is corrupt (rebuild it)")
-    logger.info("checked the values of %s (%s)", path, ", ".join(arrays))
+# -- the store --------------------------------------------------------------------------------
 
 
 def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -274,9 +128,6 @@ def gather_rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return rows[inverse.reshape(ids.shape)]
 
 
-# -- the store --------------------------------------------------------------------------------
-
-
 class MemmapFeatureStore:
     """A :class:`~imageragturbo.retrieval.protocols.FeatureStore` over memory-mapped ``.npy`` arrays.
 
@@ -291,7 +142,8 @@ class MemmapFeatureStore:
         self.model_id: str = self.manifest["model_id"]
         self.count = int(self.manifest["count"])
         self.arrays: dict[str, np.ndarray] = {}
-        for name in ARRAYS:
+        names = [*ARRAYS, *([H_SCALE] if H_SCALE in self.manifest["arrays"] else [])]
+        for name in names:
             spec = self.manifest["arrays"][name]
             file = inside(self.path, spec["file"], f"{self.path / MANIFEST}: arrays.{name}.file")
             try:
@@ -307,6 +159,8 @@ class MemmapFeatureStore:
             if array.shape[0] != self.count:
                 raise DatabaseLoadError(f"{file}: {array.shape[0]} rows, the manifest count is {self.count}")
             self.arrays[name] = array
+        self.h_dtype: str = str(self.arrays["h_retr"].dtype)
+        """float16 / float32 (rows handed out as stored) or int8 (dequantised on gather)."""
         # Gathers read plain ndarrays: indexing an np.memmap runs its Python-level subclass
         # hooks on every request. Small arrays are read into process memory once (a gather from
         # a file-backed map is slower between two UNet passes: results/design-notes.md); large
@@ -345,8 +199,62 @@ class MemmapFeatureStore:
         return self._gather("text_emb", ids)
 
     def h_features(self, ids: np.ndarray) -> np.ndarray:
-        """ids int64 [B, k] -> float16 [B, k, C, h, w]."""
+        """ids int64 [B, k] -> float [B, k, C, h, w]: float16 as stored, or for an int8 store
+        the codes times their row-and-channel scales, in float32."""
+        if self.h_dtype == "int8":
+            return dequantize_h(self._gather("h_retr", ids), self._gather(H_SCALE, ids))
         return self._gather("h_retr", ids)
+
+    def nbytes(self, *, mapped_only: bool = False) -> int:
+        """Bytes of the store's arrays (``mapped_only``: those gathered from the memory map,
+        not copied into process memory at open)."""
+        return sum(a.nbytes for name, a in self.arrays.items()
+                   if not mapped_only or self._rows[name].base is not None)
+
+    def warm_up(self, *, max_bytes: int | None = None, on_progress=None, block: int = WARM_BLOCK) -> dict:
+        """Read the memory-mapped arrays once, sequentially, so that gathers find their rows
+        in the page cache instead of on disk (a cold 4-row gather of SD-sized rows costs a disk
+        read per row: results/retrieval.md).
+
+        Only a store that fits: ``max_bytes`` (default ``WARM_MAX_SHARE`` of the memory
+        available now) bounds what is read, and a larger store is left cold (reading it would
+        only evict its own first pages). A long pass logs its progress every
+        ``CHECKSUM_PROGRESS_S``; ``on_progress(done_bytes, total_bytes)`` after each block.
+        Returns {"warmed", "bytes", "seconds", "reason"}.
+        """
+        started = time.monotonic()
+        files = [inside(self.path, self.manifest["arrays"][name]["file"], str(self.path / MANIFEST))
+                 for name, rows in self._rows.items() if rows.base is not None]
+        total = sum(file.stat().st_size for file in files)
+        if not files:  # every array was read into process memory at open
+            return {"warmed": True, "bytes": 0, "seconds": 0.0, "reason": "nothing is memory-mapped"}
+        if max_bytes is None:
+            available = memory_available_bytes()
+            max_bytes = None if available is None else int(available * WARM_MAX_SHARE)
+        if max_bytes is not None and total > max_bytes:
+            reason = (f"{total / 2**30:.2f} GiB of mapped array files do not fit in the {max_bytes / 2**30:.2f} GiB "
+                      "allowed; gathers will read from disk")
+            logger.warning("not warming %s: %s", self.path, reason)
+            return {"warmed": False, "bytes": total, "seconds": 0.0, "reason": reason}
+        done, last = 0, time.monotonic()
+        buffer = bytearray(block)
+        for file in files:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                with open(fd, "rb", buffering=0, closefd=False) as handle:
+                    while n := handle.readinto(buffer):
+                        done += n
+                        if on_progress is not None:
+                            on_progress(done, total)
+                        if time.monotonic() - last >= CHECKSUM_PROGRESS_S:
+                            last = time.monotonic()
+                            logger.warning("warming %s: %.2f of %.2f GB read", self.path, done / 1e9, total / 1e9)
+            finally:
+                os.close(fd)
+        seconds = time.monotonic() - started
+        logger.info("warmed %s: %.2f GB in %.1f s", self.path, done / 1e9, seconds)
+        return {"warmed": True, "bytes": done, "seconds": seconds, "reason": None}
 
     def latents(self, ids: np.ndarray) -> np.ndarray:
         """ids int64 [B, k] -> float16 [B, k, c, h, w]: the images' VAE latents z0."""
@@ -366,13 +274,16 @@ class MemmapFeatureStore:
 
 
 def load_database(
-    name: str, path: str | Path, *, verify: bool = False, model_id: str | None = None
+    name: str, path: str | Path, *, verify: bool = False, model_id: str | None = None,
+    warm: bool = False, on_warm_progress=None,
 ) -> RetrievalDatabase:
     """Open the database folder ``path`` as a :class:`RetrievalDatabase` called ``name``.
 
     ``verify`` recomputes every checksum first (seconds per GB). ``model_id``, when given, must
     equal the id the database was built with (a pipeline checks this again on ``add_database``).
-    Raises :class:`DatabaseLoadError` naming the folder and what is wrong.
+    ``warm`` reads the store's memory-mapped arrays into the page cache if they fit in memory
+    (:meth:`MemmapFeatureStore.warm_up`, progress to ``on_warm_progress(done, total)`` and the
+    log). Raises :class:`DatabaseLoadError` naming the folder and what is wrong.
     """
     from imageragturbo.retrieval.searchers import load_searcher
 
@@ -389,6 +300,8 @@ def load_database(
     # The keys are checked at every load (N x D floats: milliseconds for the bundled databases);
     # the features with ``verify``, as the checksums.
     verify_values(path, store, features=verify)
+    if warm:
+        store.warm_up(on_progress=on_warm_progress)
     try:
         searcher = load_searcher(manifest["searcher"], path / SEARCHER_DIR, store)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -427,7 +340,9 @@ def rebuild_command(path: Path, manifest: dict, model_dir: str | Path | None = N
         what = "--world N | --pairs PATH"
     model = f" --model {model_dir}" if model_dir is not None else ""
     kind = manifest.get("searcher", {}).get("kind", "auto")
-    return f"imageragturbo build-database --out {path}{model} {what} --searcher {kind} --overwrite"
+    h_dtype = manifest.get("arrays", {}).get("h_retr", {}).get("dtype")
+    h_flag = f" --h-dtype {h_dtype}" if h_dtype in ("int8", "float16") else ""
+    return f"imageragturbo build-database --out {path}{model} {what} --searcher {kind}{h_flag} --overwrite"
 
 
 DATABASES_DIR = "databases"

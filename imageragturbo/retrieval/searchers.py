@@ -390,11 +390,12 @@ class Bm25Searcher:
 
 # -- choosing, saving and loading by kind -----------------------------------------------------
 
-SEARCHER_KINDS = ("auto", "exact", "scann", "bm25")
+SEARCHER_KINDS = ("auto", "exact", "scann", "bm25", "milvus")
 
 
 def resolve_kind(kind: str, n: int) -> str:
-    """``auto`` -> exact below 20k entries, else scann."""
+    """``auto`` -> exact below 20k entries, else scann (never milvus: an external database is
+    asked for by name)."""
     if kind not in SEARCHER_KINDS:
         raise ValueError(f"searcher must be one of {SEARCHER_KINDS}, got {kind!r}")
     if kind == "auto":
@@ -403,10 +404,13 @@ def resolve_kind(kind: str, n: int) -> str:
 
 
 def build_searcher(
-    kind: str, embeddings: np.ndarray, captions: list[str], folder: Path, scann_spec: ScannSpec | None = None
+    kind: str, embeddings: np.ndarray, captions: list[str], folder: Path, scann_spec: ScannSpec | None = None,
+    params: dict | None = None, *, name: str = "database",
 ) -> dict:
-    """Build a searcher of ``kind`` and serialise it into ``folder``; returns the manifest entry
-    ``{"kind": ..., "params": {...}}``."""
+    """Build a searcher of ``kind`` and serialise it into ``folder`` (the database folder's
+    ``searcher/``); returns the manifest entry ``{"kind": ..., "params": {...}}``. ``params``
+    are a milvus searcher's (MilvusSpec fields; a server uri without a collection gets one
+    named after ``name``)."""
     n = embeddings.shape[0]
     kind = resolve_kind(kind, n)
     folder = Path(folder)
@@ -417,6 +421,15 @@ def build_searcher(
         searcher = ScannSearcher.build(embeddings, scann_spec)
         searcher.save(folder)
         return {"kind": "scann", "params": searcher.spec.to_dict()}
+    if kind == "milvus":
+        from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec, default_collection_name, is_server_uri
+
+        params = dict(params or {})
+        if is_server_uri(params.get("uri", "")) and "collection" not in params:
+            params["collection"] = default_collection_name(name)
+        spec = MilvusSpec.for_size(n, **params)
+        MilvusSearcher.build(embeddings, spec, folder.parent)
+        return {"kind": "milvus", "params": spec.to_dict()}
     searcher = Bm25Searcher.build(captions)
     searcher.save(folder)
     return {"kind": "bm25", "params": {"tokenizer": "bm25s.tokenize(stopwords=None)"}}
@@ -437,4 +450,12 @@ def load_searcher(entry: dict, folder: Path, store) -> Searcher:
         return ScannSearcher.load(folder, spec, n, dim)
     if kind == "bm25":
         return Bm25Searcher.load(folder, n)
-    raise ValueError(f"{folder}: unknown searcher kind {kind!r} in the manifest; expected exact, scann or bm25")
+    if kind == "milvus":
+        from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec
+
+        try:
+            spec = MilvusSpec(**entry.get("params", {}))
+        except TypeError as exc:
+            raise ValueError(f"{folder}: milvus params in the manifest are not understood: {entry.get('params')}") from exc
+        return MilvusSearcher.load(spec, Path(folder).parent, n, dim, keys=store.text_emb)
+    raise ValueError(f"{folder}: unknown searcher kind {kind!r} in the manifest; expected exact, scann, bm25 or milvus")
