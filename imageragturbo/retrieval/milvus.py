@@ -16,8 +16,9 @@ database manifest chooses it::
 What Milvus Lite is and is not (measured, results/retrieval.md): an in-process Python server over
 FAISS segment indexes, one process per data folder (it holds a file lock), which writes a lock
 file and an empty WAL into its folder while open, so the database folder must be writable. Its
-search cost grows with N (a per-row Python pass per query), so its latency says nothing about a
-Milvus server's; it is here so that the same code and the same manifest run the suite, and a
+search cost grows with N (milvus_lite/search/executor_indexed.py walks every row's primary key
+in Python for each query, to drop duplicates and deleted rows, before it asks the FAISS index:
+123 ms a query at 100 k keys), so its latency says nothing about a Milvus server's; it is here so that the same code and the same manifest run the suite, and a
 server URI is what a database beyond one host's memory uses.
 """
 

@@ -4,12 +4,7 @@ import numpy as np
 
 from imageragturbo.cli import main
 from imageragturbo.benchmarks.retrieval.data import exact_topk
-from imageragturbo.benchmarks.retrieval.store import (
-    dequantize_int8_per_channel,
-    pca_channels,
-    quantize_int8_per_channel,
-    store_sizes,
-)
+from imageragturbo.benchmarks.retrieval.store import pca_channels, store_sizes
 
 FIELDS = ("searcher", "build_s", "p50_ms", "p99_ms", "recall_at_10", "peak_rss_gb", "index_bytes")
 
@@ -48,12 +43,42 @@ def test_exact_topk_streams_in_blocks():
 def test_store_shrinking_helpers():
     rng = np.random.default_rng(0)
     h = rng.standard_normal((6, 16, 4, 4)).astype(np.float32)
-    q, scale = quantize_int8_per_channel(h)
-    assert q.dtype == np.int8 and scale.shape == (6, 16) and scale.dtype == np.float16
-    # Rounding to 1/127 of each channel's max, plus the fp16 scale's own rounding.
-    assert np.abs(dequantize_int8_per_channel(q, scale) - h).max() <= np.abs(h).max() * (0.5 / 127 + 1e-3)
     np.testing.assert_allclose(pca_channels(h, 16), h, atol=1e-4)
     assert np.linalg.norm(pca_channels(h, 4) - h) > 0.1 * np.linalg.norm(h)
     sizes = store_sizes()
     assert sizes["fp16_bytes"] == 630_000 * 1280 * 64 * 2
     assert sizes["int8_per_channel_bytes"] < 0.52 * sizes["fp16_bytes"]
+
+
+def test_bench_retrieval_runs_milvus_beside_scann_and_times_the_int8_store(tmp_path):
+    import pytest
+
+    pytest.importorskip("milvus_lite")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "retrieval", "--n", "1500", "--dim", "16", "--queries", "40", "--h-rows", "12",
+                 "--peers", "milvus", "--effect-pairs", "0", "--hnsw-ef-construction", "64",
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "r.md")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    (milvus,) = result["peers"]
+    assert milvus["searcher"] == "milvus" and milvus["params"]["server"] == "milvus-lite"
+    assert milvus["recall_at_10"] >= 0.95 and 0 < milvus["p50_ms"] <= milvus["p99_ms"]
+    assert {s["ef"] for s in milvus["sweep"]} == {16, 24, 32, 48, 64, 96, 128}
+    g = result["gather"]
+    assert g["rows_in_file"] == 12 and g["cold_p50_ms"] > 0
+    i8 = g["int8"]
+    assert i8["gathered_bytes"] == 4 * 1280 * 64 * 4  # dequantised to float32
+    assert i8["file_bytes"] > 12 * (1280 * 64 + 1280 * 2) and i8["warm_up"]["fits"] is True
+    assert 0 < i8["warm_p50_ms"] <= i8["warm_p99_ms"] and 0 < i8["cold_p50_ms"] <= i8["cold_p99_ms"]
+    assert not list((tmp_path / "work").glob("h_*.npy"))  # the store files are deleted
+    report = (tmp_path / "r.md").read_text()
+    assert "| milvus |" in report and "from an int8 store of 12 rows" in report
+
+
+def test_a_store_that_does_not_fit_on_the_disk_is_skipped_naming_why(tmp_path, monkeypatch):
+    from imageragturbo.benchmarks.retrieval import store
+
+    monkeypatch.setattr(store, "DISK_MARGIN", 1 << 62)
+    g = store.gather_timing(tmp_path, rows=8, k=4, repeats=2)
+    assert "GiB free in" in g["float16_skipped"] and "GiB free in" in g["int8"]["skipped"]
+    assert "cold_p50_ms" not in g and not list(tmp_path.iterdir())

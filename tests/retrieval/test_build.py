@@ -14,16 +14,7 @@ from imageragturbo.cli import main
 from imageragturbo.retrieval.build import DatabaseBuildError, build_database, partial_dir
 from imageragturbo.retrieval.disk import DatabaseLoadError, MemmapFeatureStore, load_database, parse_database_spec, read_manifest
 from imageragturbo.retrieval.pairs import PairSourceError, WorldPairs, open_pairs
-from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    parts = load_model(tiny_model_dir)
-    torch.manual_seed(0)
-    parts.adapter = HSpaceAdapter(channels=parts.unet.config.block_out_channels[-1], num_heads=4).eval()
-    torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
-    return RagTurboPipeline(parts)
+from imageragturbo.model import RagTurboPipeline, load_model
 
 
 @pytest.fixture(scope="module")

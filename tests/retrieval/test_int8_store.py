@@ -13,37 +13,25 @@ import torch
 import imageragturbo.retrieval.build as build_module
 import imageragturbo.retrieval.disk as disk
 from imageragturbo.cli import main
-from imageragturbo.model import HSpaceAdapter, RagTurboPipeline, load_model
+from imageragturbo.model import RagTurboPipeline
 from imageragturbo.paths import bundled_model_if_present
 from imageragturbo.retrieval.build import build_database
 from imageragturbo.retrieval.disk import DatabaseLoadError, MemmapFeatureStore, check_database, load_database, read_manifest
 from imageragturbo.retrieval.pairs import WorldPairs
+from db_helpers import build_each, copy_of
 
 N = 40
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    parts = load_model(tiny_model_dir)
-    torch.manual_seed(0)
-    parts.adapter = HSpaceAdapter(channels=parts.unet.config.block_out_channels[-1], num_heads=4).eval()
-    torch.nn.init.normal_(parts.adapter.proj_out.weight, std=0.2)
-    return RagTurboPipeline(parts)
-
-
-@pytest.fixture(scope="module")
 def builds(pipe, tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8")
-    for h_dtype in ("float16", "int8"):
-        build_database(pipe, WorldPairs(N), root / h_dtype, h_dtype=h_dtype, batch_size=16, chunk_size=16, progress=False)
-    return root
+    return build_each(pipe, tmp_path_factory.mktemp("int8"), N,
+                      {h: {"h_dtype": h, "batch_size": 16, "chunk_size": 16} for h in ("float16", "int8")})
 
 
 @pytest.fixture()
 def int8_copy(builds, tmp_path):
-    copy = tmp_path / "db"
-    shutil.copytree(builds / "int8", copy)
-    return copy
+    return copy_of(builds / "int8", tmp_path)
 
 
 def _edit_manifest(folder, edit):

@@ -12,12 +12,11 @@ pytest.importorskip("milvus_lite")
 
 from imageragturbo.cli import main  # noqa: E402
 from imageragturbo.model import RagTurboPipeline  # noqa: E402
-from imageragturbo.retrieval.build import build_database  # noqa: E402
 from imageragturbo.retrieval.disk import DatabaseLoadError, check_database, load_database, read_manifest  # noqa: E402
 from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec, _tree  # noqa: E402
-from imageragturbo.retrieval.pairs import WorldPairs  # noqa: E402
 from imageragturbo.retrieval.protocols import Searcher  # noqa: E402
 from imageragturbo.retrieval.searchers import ExactSearcher  # noqa: E402
+from db_helpers import build_each, copy_of  # noqa: E402
 
 N = 48
 
@@ -33,18 +32,13 @@ def encoder(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def built(encoder, tmp_path_factory):
-    root = tmp_path_factory.mktemp("milvus")
-    for name, seed in (("a", 0), ("b", 1)):
-        build_database(encoder, WorldPairs(N, seed), root / name, searcher="milvus",
-                       searcher_params={"index_type": "FLAT"}, progress=False)
-    return root
+    flat = {"searcher": "milvus", "searcher_params": {"index_type": "FLAT"}}
+    return build_each(encoder, tmp_path_factory.mktemp("milvus"), N, {"a": {**flat, "seed": 0}, "b": {**flat, "seed": 1}})
 
 
 @pytest.fixture()
 def folder(built, tmp_path):
-    copy = tmp_path / "a"
-    shutil.copytree(built / "a", copy)
-    return copy
+    return copy_of(built / "a", tmp_path)
 
 
 def _close(db):

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ("faiss-hnsw", "faiss-ivf", "hnswlib")
+PEERS = ("faiss-hnsw", "faiss-ivf", "hnswlib", "milvus")
 
-PEER_MODULES = {"faiss-hnsw": "faiss", "faiss-ivf": "faiss", "hnswlib": "hnswlib"}
+PEER_MODULES = {"faiss-hnsw": "faiss", "faiss-ivf": "faiss", "hnswlib": "hnswlib", "milvus": "milvus_lite"}
+PEER_EXTRAS = {"faiss-hnsw": "bench", "faiss-ivf": "bench", "hnswlib": "bench", "milvus": "milvus"}
+"""The pyproject extra that installs each peer."""
+HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128)
 
 
 
@@ -41,7 +44,7 @@ def build_faiss_hnsw(data, spec_args: dict, folder: Path):
     index.hnsw.efConstruction = ef_construction
     index.add(data)
     faiss.write_index(index, str(folder / "faiss_hnsw.index"))
-    settings = [{"efSearch": ef} for ef in (16, 24, 32, 48, 64, 96, 128)]
+    settings = [{"efSearch": ef} for ef in HNSW_EF_SEARCH]
 
     def make_search(setting):
         def search(q, k):
@@ -88,7 +91,7 @@ def build_hnswlib(data, spec_args: dict, folder: Path):
     index.set_num_threads(1)
     index.add_items(data, np.arange(data.shape[0]), num_threads=1)
     index.save_index(str(folder / "hnswlib.index"))
-    settings = [{"ef": ef} for ef in (16, 24, 32, 48, 64, 96, 128)]
+    settings = [{"ef": ef} for ef in HNSW_EF_SEARCH]
 
     def make_search(setting):
         def search(q, k):
@@ -101,5 +104,25 @@ def build_hnswlib(data, spec_args: dict, folder: Path):
 
 
 
-BUILDERS = {"scann": build_scann, "faiss-hnsw": build_faiss_hnsw, "faiss-ivf": build_faiss_ivf, "hnswlib": build_hnswlib}
+def build_milvus(data, spec_args: dict, folder: Path):
+    """Our milvus searcher (retrieval/milvus.py) on Milvus Lite in ``folder``: HNSW, M 32, the
+    same efConstruction as the other HNSW peers; timed through MilvusSearcher.search, so the
+    latency includes the client's gRPC round trip to the Lite server in this process."""
+    from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec
+
+    m, ef_construction = 32, spec_args.get("ef_construction", 200)
+    spec = MilvusSpec(uri="milvus.db", index_type="HNSW", index_params={"M": m, "efConstruction": ef_construction},
+                      search_params={"ef": 64})
+    MilvusSearcher.build(data, spec, folder)
+    searcher = MilvusSearcher.load(spec, folder, data.shape[0], data.shape[1], keys=data)
+    settings = [{"ef": ef} for ef in HNSW_EF_SEARCH]
+
+    def make_search(setting):
+        return lambda q, k: searcher.search(q, k, search_params=setting)[0]
+
+    return {"M": m, "efConstruction": ef_construction, "metric": "IP", "server": "milvus-lite"}, settings, make_search
+
+
+BUILDERS = {"scann": build_scann, "faiss-hnsw": build_faiss_hnsw, "faiss-ivf": build_faiss_ivf, "hnswlib": build_hnswlib,
+            "milvus": build_milvus}
 

@@ -25,6 +25,33 @@ def _run_cells(r: dict) -> list[str]:
             f"{r['recall_at_10']:.4f}", f"{r['peak_rss_gb']:.2f} GiB", fmt_bytes(r["index_bytes"])]
 
 
+def _gather_paragraphs(g: dict) -> list[str]:
+    """The gathers: fp16 as built, and int8 codes + scales dequantised to float32 as an int8
+    database serves them; or why a store was not measured."""
+    out = []
+    if "cold_p50_ms" in g:
+        out.append(
+            f"Gather of k = {g['k']} SD-sized H-features ({'x'.join(map(str, g['row_shape']))} fp16, {g['row_bytes'] / 1024:.0f} KiB each) "
+            f"from a memory-mapped file of {g['rows_in_file']} rows: p50 {g['cold_p50_ms']:.3f} ms with the file's page cache "
+            f"dropped before each gather (p99 {g['cold_p99_ms']:.3f} ms), {g['warm_p50_ms']:.3f} ms warm (p99 {g['warm_p99_ms']:.3f} ms).")
+    if g.get("float16_skipped"):
+        out.append(f"The fp16 store of {g['rows_in_file']:,} rows was not measured: {g['float16_skipped']}.")
+    i8 = g.get("int8")
+    if i8 and "skipped" in i8:
+        out.append(f"The int8 store of {g['rows_in_file']:,} rows was not measured: {i8['skipped']}.")
+    elif i8:
+        fits = i8["warm_up"]["fits"]
+        warm_up = ("" if fits is None else " A page-cache warm-up at start (MemmapFeatureStore.warm_up) would "
+                   + ("read it: it fits" if fits else "skip it: it does not fit")
+                   + f" in {i8['warm_up']['memory_available_bytes'] / 2**30:.1f} GiB available.")
+        out.append(
+            f"Gather of k = {g['k']} rows from an int8 store of {g['rows_in_file']:,} rows ({fmt_bytes(i8['file_bytes'])} on disk; "
+            f"{i8['row_bytes'] / 1024:.1f} KiB a row: int8 codes + fp16 scales per channel, dequantised to float32): "
+            f"cold p50 {i8['cold_p50_ms']:.3f} ms (p99 {i8['cold_p99_ms']:.3f} ms), warm p50 {i8['warm_p50_ms']:.3f} ms "
+            f"(p99 {i8['warm_p99_ms']:.3f} ms); writing the files took {i8['write_s']:.0f} s.{warm_up}")
+    return out
+
+
 def markdown_report(result: dict, variants: list[dict] = ()) -> str:
     """results/retrieval.md from a result JSON (plus other ScaNN builds on the same data)."""
     rows = [result, *result["peers"]]
@@ -105,10 +132,7 @@ def markdown_report(result: dict, variants: list[dict] = ()) -> str:
         "## H-feature store",
         "",
         *([f"Measured by `{result['store_command']}`.", ""] if result.get("store_command") else []),
-        "" if "cold_p50_ms" not in g else f"Gather of k = {g['k']} SD-sized H-features ({'x'.join(map(str, g['row_shape']))} fp16, {g['row_bytes'] / 1024:.0f} KiB each) "
-        f"from a memory-mapped file of {g['rows_in_file']} rows: p50 {g['cold_p50_ms']:.3f} ms with the file's page cache "
-        f"dropped before each gather (p99 {g['cold_p99_ms']:.3f} ms), {g['warm_p50_ms']:.3f} ms warm (p99 {g['warm_p99_ms']:.3f} ms).",
-        "",
+        *(line for paragraph in _gather_paragraphs(g) for line in (paragraph, "")),
         f"Store size for {size['n']:,} SD-sized H-features:",
         "",
         "| layout | size |",

@@ -15,7 +15,7 @@ import numpy as np
 
 from imageragturbo.benchmarks import BenchError
 from imageragturbo.benchmarks.retrieval.data import cluster_centres, clustered_embeddings, exact_topk
-from imageragturbo.benchmarks.retrieval.peers import PEER_MODULES, PEERS
+from imageragturbo.benchmarks.retrieval.peers import PEER_EXTRAS, PEER_MODULES, PEERS
 from imageragturbo.benchmarks.retrieval.report import markdown_report
 from imageragturbo.benchmarks.retrieval.store import gather_timing, quantisation_effect, store_sizes
 from imageragturbo.benchmarks.retrieval.worker import spawn_worker
@@ -147,7 +147,7 @@ def run_bench(options: RetrievalBenchOptions, on_progress=None) -> dict:
         try:
             __import__(PEER_MODULES[peer])
         except ImportError:
-            skipped.append({"searcher": peer, "reason": f"{PEER_MODULES[peer]} is not installed (pip install '.[bench]')"})
+            skipped.append({"searcher": peer, "reason": f"{PEER_MODULES[peer]} is not installed (pip install '.[{PEER_EXTRAS[peer]}]')"})
             continue
         params = {"ef_construction": options.hnsw_ef_construction} if peer != "faiss-ivf" else {}
         results.append(spawn_worker({**job, "searcher": peer, "params": params, "index_dir": str(work / f"idx-{peer}")}, work))
