@@ -205,12 +205,6 @@ class MemmapFeatureStore:
             return dequantize_h(self._gather("h_retr", ids), self._gather(H_SCALE, ids))
         return self._gather("h_retr", ids)
 
-    def nbytes(self, *, mapped_only: bool = False) -> int:
-        """Bytes of the store's arrays (``mapped_only``: those gathered from the memory map,
-        not copied into process memory at open)."""
-        return sum(a.nbytes for name, a in self.arrays.items()
-                   if not mapped_only or self._rows[name].base is not None)
-
     def warm_up(self, *, max_bytes: int | None = None, on_progress=None, block: int = WARM_BLOCK) -> dict:
         """Read the memory-mapped arrays once, sequentially, so that gathers find their rows
         in the page cache instead of on disk (a cold 4-row gather of SD-sized rows costs a disk

@@ -238,14 +238,19 @@ class MilvusSearcher:
         if not is_server_uri(uri) and not Path(uri).is_dir():
             raise ValueError(f"missing Milvus Lite data: {uri}")
         pymilvus = _pymilvus()
+        client = None
         try:
-            return cls._open(spec, uri, n, dim, keys)
-        except pymilvus.MilvusException as exc:
+            client = _connect(uri)
+            return cls._open(client, spec, uri, n, dim, keys)
+        except (pymilvus.MilvusException, ValueError) as exc:
+            if client is not None:  # a refused collection is not left open (a Lite folder stays locked)
+                cls(client, spec, n, dim, uri).close()
+            if isinstance(exc, ValueError):
+                raise
             raise ValueError(f"Milvus at {spec.uri}: {exc}") from exc
 
     @classmethod
-    def _open(cls, spec: MilvusSpec, uri: str, n: int, dim: int, keys: np.ndarray | None) -> MilvusSearcher:
-        client = _connect(uri)
+    def _open(cls, client, spec: MilvusSpec, uri: str, n: int, dim: int, keys: np.ndarray | None) -> MilvusSearcher:
         if not client.has_collection(spec.collection):
             raise ValueError(f"no collection {spec.collection!r} at {spec.uri}")
         fields = {f["name"]: f for f in client.describe_collection(spec.collection)["fields"]}

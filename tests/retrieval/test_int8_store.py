@@ -223,3 +223,16 @@ def test_int8_changes_the_bundled_models_images_by_at_most_one_grey_level(tmp_pa
     diff = np.abs(images["float16"].astype(int) - images["int8"].astype(int))
     assert diff.max() <= 1, diff.max()
     assert diff.mean() < 0.1, diff.mean()
+
+
+def test_open_pipeline_warms_its_databases_when_asked(builds, tiny_model_dir, monkeypatch, caplog):
+    import logging
+
+    from imageragturbo.model.pipeline import open_pipeline
+
+    monkeypatch.setattr(disk, "RESIDENT_MAX_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger="imageragturbo.retrieval.disk"):
+        open_pipeline(tiny_model_dir, databases=[f"db={builds / 'int8'}"])
+        assert "warmed" not in caplog.text
+        open_pipeline(tiny_model_dir, databases=[f"db={builds / 'int8'}"], warm=True)
+    assert f"warmed {builds / 'int8'}" in caplog.text

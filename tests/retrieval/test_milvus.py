@@ -131,3 +131,17 @@ def test_the_cli_builds_a_milvus_database(tiny_model_dir, tmp_path, capsys):
     params = read_manifest(out)["searcher"]["params"]
     assert params["index_type"] == "IVF_FLAT" and params["index_params"]["nlist"] >= 1
     _close(load_database("cli", out, verify=True))
+
+
+def test_a_refused_collection_is_closed_and_its_folder_opens_again(folder, built):
+    good = folder.parent / "good"
+    shutil.copytree(folder, good)
+    shutil.rmtree(folder / "searcher" / "milvus.db")
+    shutil.copytree(built / "b" / "searcher" / "milvus.db", folder / "searcher" / "milvus.db")
+    from milvus_lite.server_manager import server_manager_instance
+
+    for _ in range(2):  # the same folder twice in one process: the first refusal released it
+        with pytest.raises(DatabaseLoadError, match="belongs to another database"):
+            load_database("a", folder)
+        assert str((folder / "searcher" / "milvus.db").resolve()) not in server_manager_instance._servers
+    _close(load_database("a", good, verify=True))
