@@ -60,9 +60,12 @@ Why 8 GiB: serving gathers k H rows per request from the store, and a gather is 
 from the page cache (a cold 4-row gather of SD-sized rows reads the disk once per row,
 results/retrieval.md). A float16 store of up to 8 GiB fits in the memory of any host we serve
 from (a third of this project's 24 GiB machine, with room for the model and the OS) and int8
-would buy nothing there but a rounding error; above it, halving the store decides whether it
-stays resident (the paper's 0.63 M SD rows: 96 GiB float16, 49.6 GiB int8), and the error it
-costs (relative 0.0028, no image changed on the bundled model) is below anything we measure.
+would buy nothing there but a rounding error and a slower warm gather (dequantising k = 4 SD
+rows: 0.45 ms p50 against 0.20 ms for float16, results/retrieval.md); above it, halving the store decides whether it stays resident
+(the paper's 0.63 M SD rows: 96 GiB float16, 49.6 GiB int8; on a 24 GiB host neither does, and
+a cold int8 gather there took 70 ms p50), and the error it
+costs (relative RMS 0.0029; the bundled model's images move by at most one grey level,
+tests/retrieval/test_int8_store.py) is the size of a batch-invariance difference.
 8 GiB is about 52 k SD rows (1280 x 8 x 8); every bundled database (a few MB) stays float16.
 The threshold is a constant, not the building host's memory, so that the same command builds
 the same database everywhere."""

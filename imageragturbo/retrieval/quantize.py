@@ -4,7 +4,7 @@
 default), with ``h ~ q * scale``: symmetric, ``scale = max|h| over the channel's h*w positions
 / 127``, ``q = round(h / scale)`` in [-127, 127]. The error of a value is at most half a step,
 ``scale / 2``, and the relative RMS error about ``1 / (127 * sqrt(12))`` of a channel's max
-(0.0029 on the bundled model's grey database, 0.0028 on shapes-v1: results/retrieval.md). On
+(0.0029 on the bundled model's databases: results/retrieval.md, tests/retrieval/test_quantize.py). On
 the bundled model it moves adapter-mode images by at most one grey level
 (tests/retrieval/test_int8_store.py).
 
