@@ -315,3 +315,27 @@ class MilvusSearcher:
             order = np.lexsort((got_ids, -got_scores))
             ids[row], scores[row] = got_ids[order], got_scores[order]
         return ids, scores
+
+
+# -- the manifest's two ends (retrieval/searchers.py build_searcher / load_searcher) ------------
+
+
+def build_milvus_searcher(embeddings: np.ndarray, params: dict | None, root: Path, name: str) -> dict:
+    """Build the collection for ``embeddings`` as ``params`` (MilvusSpec fields) ask, the Lite
+    data inside the database folder ``root``; a server uri without a collection gets one named
+    after ``name``. Returns the manifest's searcher entry."""
+    params = dict(params or {})
+    if is_server_uri(params.get("uri", "")) and "collection" not in params:
+        params["collection"] = default_collection_name(name)
+    spec = MilvusSpec.for_size(embeddings.shape[0], **params)
+    MilvusSearcher.build(embeddings, spec, root)
+    return {"kind": "milvus", "params": spec.to_dict()}
+
+
+def load_milvus_searcher(params: dict, root: Path, n: int, dim: int, keys: np.ndarray) -> MilvusSearcher:
+    """The searcher a manifest's ``params`` describe, checked against the store's ``keys``."""
+    try:
+        spec = MilvusSpec(**params)
+    except TypeError as exc:
+        raise ValueError(f"{root}: milvus params in the manifest are not understood: {params}") from exc
+    return MilvusSearcher.load(spec, root, n, dim, keys=keys)

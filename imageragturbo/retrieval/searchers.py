@@ -422,14 +422,9 @@ def build_searcher(
         searcher.save(folder)
         return {"kind": "scann", "params": searcher.spec.to_dict()}
     if kind == "milvus":
-        from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec, default_collection_name, is_server_uri
+        from imageragturbo.retrieval.milvus import build_milvus_searcher
 
-        params = dict(params or {})
-        if is_server_uri(params.get("uri", "")) and "collection" not in params:
-            params["collection"] = default_collection_name(name)
-        spec = MilvusSpec.for_size(n, **params)
-        MilvusSearcher.build(embeddings, spec, folder.parent)
-        return {"kind": "milvus", "params": spec.to_dict()}
+        return build_milvus_searcher(embeddings, params, folder.parent, name)
     searcher = Bm25Searcher.build(captions)
     searcher.save(folder)
     return {"kind": "bm25", "params": {"tokenizer": "bm25s.tokenize(stopwords=None)"}}
@@ -451,11 +446,7 @@ def load_searcher(entry: dict, folder: Path, store) -> Searcher:
     if kind == "bm25":
         return Bm25Searcher.load(folder, n)
     if kind == "milvus":
-        from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec
+        from imageragturbo.retrieval.milvus import load_milvus_searcher
 
-        try:
-            spec = MilvusSpec(**entry.get("params", {}))
-        except TypeError as exc:
-            raise ValueError(f"{folder}: milvus params in the manifest are not understood: {entry.get('params')}") from exc
-        return MilvusSearcher.load(spec, Path(folder).parent, n, dim, keys=store.text_emb)
+        return load_milvus_searcher(entry.get("params", {}), Path(folder).parent, n, dim, store.text_emb)
     raise ValueError(f"{folder}: unknown searcher kind {kind!r} in the manifest; expected exact, scann, bm25 or milvus")
