@@ -76,7 +76,7 @@ def open_app(
     # first request (the same checks as `imageragturbo check-database`) unless turned off.
     pipe = pipeline.open_pipeline(
         model_dir, databases=databases, adapter_dir=adapter_dir, lora_dir=lora_dir, verify=settings.verify_databases,
-        device=settings.device, dtype=settings.dtype,
+        device=settings.device, dtype=settings.dtype, warm=settings.warm_databases,
     )
     pipe.batch_invariant = settings.batch_invariant
     # The worker still calls only the pipeline; the pipeline runs its stages on the engines.

@@ -41,6 +41,11 @@ class ServiceSettings(BaseSettings):
         description="compute every image exactly as it would be alone, in any batch (off: the stock kernels, "
         "faster batches whose images may differ by a grey level from the same request alone)",
     )
+    warm_databases: bool = Field(
+        True,
+        description="read each database's memory-mapped arrays into the page cache at start when they fit in memory "
+        "(progress in the log; arrays small enough to be copied into memory at open need nothing)",
+    )
     verify_databases: bool = Field(
         True,
         description="recompute every database file's checksum and check every stored value at start; off only "
