@@ -75,6 +75,31 @@ def test_bench_retrieval_runs_milvus_beside_scann_and_times_the_int8_store(tmp_p
     assert "| milvus |" in report and "from an int8 store of 12 rows" in report
 
 
+def test_milvus_peer_times_fewer_queries_over_the_ef_values_asked(tmp_path):
+    import pytest
+
+    pytest.importorskip("milvus_lite")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "retrieval", "--n", "1500", "--dim", "16", "--queries", "60", "--parts", "searchers",
+                 "--peers", "milvus", "--milvus-queries", "10", "--milvus-ef", "32,64", "--hnsw-ef-construction", "64",
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "r.md")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    (milvus,) = result["peers"]
+    assert milvus["queries"] == 10 and [s["ef"] for s in milvus["sweep"]] == [32, 64]
+    assert result["queries"] == 60  # ScaNN still times them all
+    assert "milvus: the first 10" in (tmp_path / "r.md").read_text()
+
+
+def test_bad_milvus_options_are_refused_before_anything_runs(tmp_path, capsys):
+    for flags, message in ((["--milvus-ef", "32,x"], "comma-separated integers"), (["--milvus-ef", "0"], ">= 1"),
+                           (["--milvus-queries", "0"], "--milvus-queries must be >= 1")):
+        code = main(["bench", "retrieval", "--n", "1500", "--dim", "16", "--queries", "5", "--peers", "milvus", *flags,
+                     "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "b.json")])
+        assert code != 0 and message in capsys.readouterr().err
+        assert not (tmp_path / "work").exists()
+
+
 def test_a_store_that_does_not_fit_on_the_disk_is_skipped_naming_why(tmp_path, monkeypatch):
     from imageragturbo.benchmarks.retrieval import store
 

@@ -115,7 +115,7 @@ def build_milvus(data, spec_args: dict, folder: Path):
                       search_params={"ef": 64})
     MilvusSearcher.build(data, spec, folder)
     searcher = MilvusSearcher.load(spec, folder, data.shape[0], data.shape[1], keys=data)
-    settings = [{"ef": ef} for ef in HNSW_EF_SEARCH]
+    settings = [{"ef": ef} for ef in spec_args.get("ef_search") or HNSW_EF_SEARCH]
 
     def make_search(setting):
         return lambda q, k: searcher.search(q, k, search_params=setting)[0]

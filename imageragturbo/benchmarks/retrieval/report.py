@@ -76,6 +76,10 @@ def markdown_report(result: dict, variants: list[dict] = ()) -> str:
         "Peak RSS includes the float32 data loaded for the build "
         f"({result['data_rss_gb']:.2f} GiB in the ScaNN process before building).",
     ]
+    fewer = [r for r in result["peers"] if r.get("queries", result["queries"]) < result["queries"]]
+    if fewer:
+        lines.append("Timed on fewer queries (their recall and percentiles come from these alone): "
+                     + "; ".join(f"{r['searcher']}: the first {r['queries']}" for r in fewer) + ".")
     if result["skipped_peers"]:
         lines.append("Skipped: " + "; ".join(f"{s['searcher']} ({s['reason']})" for s in result["skipped_peers"]) + ".")
     verdict = result["no_slower_than_fastest_peer"]

@@ -41,6 +41,10 @@ class RetrievalBenchOptions:
     scann_ah_dims: int
     scann_generic_tree: bool
     hnsw_ef_construction: int
+    milvus_queries: int | None
+    """Time only the first N queries on the milvus peer (None: all of them)."""
+    milvus_ef: str
+    """Comma-separated ef values the milvus peer sweeps ('' : the HNSW sweep of the other peers)."""
     h_rows: int
     model: Path | None
     """Model for the quantisation effect (None: the bundled one, if it is there)."""
@@ -60,6 +64,14 @@ def run_bench(options: RetrievalBenchOptions, on_progress=None) -> dict:
     (``complete`` False) so a long run leaves its results so far on disk."""
     if options.n < 100 or options.dim < 2 or options.queries < 1 or options.k < 1:
         raise BenchError(f"need n >= 100, dim >= 2, queries >= 1, k >= 1; got n={options.n}, dim={options.dim}, queries={options.queries}, k={options.k}")
+    if options.milvus_queries is not None and options.milvus_queries < 1:
+        raise BenchError(f"--milvus-queries must be >= 1, got {options.milvus_queries}")
+    try:
+        milvus_ef = [int(x) for x in options.milvus_ef.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--milvus-ef must be comma-separated integers, got {options.milvus_ef!r}") from None
+    if any(ef < 1 for ef in milvus_ef):
+        raise BenchError(f"--milvus-ef values must be >= 1, got {options.milvus_ef!r}")
     peers = [p.strip() for p in options.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -150,7 +162,11 @@ def run_bench(options: RetrievalBenchOptions, on_progress=None) -> dict:
             skipped.append({"searcher": peer, "reason": f"{PEER_MODULES[peer]} is not installed (pip install '.[{PEER_EXTRAS[peer]}]')"})
             continue
         params = {"ef_construction": options.hnsw_ef_construction} if peer != "faiss-ivf" else {}
-        results.append(spawn_worker({**job, "searcher": peer, "params": params, "index_dir": str(work / f"idx-{peer}")}, work))
+        peer_job = {**job, "searcher": peer, "params": params, "index_dir": str(work / f"idx-{peer}")}
+        if peer == "milvus":
+            params["ef_search"] = milvus_ef
+            peer_job["max_queries"] = options.milvus_queries
+        results.append(spawn_worker(peer_job, work))
         if on_progress:
             on_progress(summary(False))
 
