@@ -57,6 +57,8 @@ CANNOT_RUN = {
     r"imageragturbo serve --ray\b": "starts a Ray Serve cluster (the [ray] extra); tests/service/test_ray_app.py runs it "
                                     "where ray is installed",
     r"^kubectl apply\b": "no Kubernetes cluster here; the kustomization is rendered offline (`kubectl kustomize`)",
+    r"--milvus-uri http://HOST\b": "needs a Milvus server; tests/retrieval/test_milvus_server.py runs this path where "
+                                   "IRT_TEST_MILVUS_URI names one",
 }
 """Regex over a command line -> why it cannot run here."""
 

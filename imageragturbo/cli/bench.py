@@ -79,8 +79,10 @@ def _register_retrieval(bench) -> None:
     p.add_argument("--scann-generic-tree", action="store_true", help="k-means tree without spherical=True")
     p.add_argument("--hnsw-ef-construction", type=int, default=200)
     p.add_argument("--milvus-queries", type=int, default=None,
-                   help="time only the first N queries on the milvus peer (Milvus Lite costs ~1.3 us per stored row a query)")
-    p.add_argument("--milvus-ef", default="", help="comma-separated ef values for the milvus peer (default: the HNSW sweep)")
+                   help="time only the first N queries on the milvus peers (Milvus Lite costs ~1.3 us per stored row a query)")
+    p.add_argument("--milvus-ef", default="", help="comma-separated ef values for the milvus peers (default: the HNSW sweep)")
+    p.add_argument("--milvus-uri", default=None,
+                   help="a Milvus server for the milvus-server peer (http://host:19530; token from IRT_MILVUS_TOKEN)")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--h-rows", type=int, default=4096, help="rows of the SD-sized H-feature store for the gather timing")

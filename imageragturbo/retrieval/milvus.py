@@ -125,7 +125,8 @@ def _resolve_uri(spec: MilvusSpec, root: Path) -> str:
     return str(inside(root, spec.uri, f"{root}: searcher.params.uri"))
 
 
-def _connect(uri: str):
+def connect(uri: str):
+    """A pymilvus client: to a server URI (with the token in IRT_MILVUS_TOKEN), or a Lite path."""
     pymilvus = _pymilvus()
     token = os.environ.get(TOKEN_ENV, "") if is_server_uri(uri) else ""
     return pymilvus.MilvusClient(uri=uri, token=token)
@@ -187,7 +188,7 @@ class MilvusSearcher:
             if Path(uri).exists():
                 raise ValueError(f"{uri} already exists; a build writes a fresh Milvus Lite folder")
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        client = _connect(uri)
+        client = connect(uri)
         if client.has_collection(spec.collection):
             raise ValueError(f"collection {spec.collection!r} already exists at {spec.uri}; "
                              "drop it or build with another collection name")
@@ -215,7 +216,7 @@ class MilvusSearcher:
         folder = Path(uri)
         before = _tree(folder)
         for _ in range(5):
-            reopened = _connect(uri)
+            reopened = connect(uri)
             reopened.load_collection(spec.collection)
             reopened.close()
             _release_lite(uri)
@@ -240,7 +241,7 @@ class MilvusSearcher:
         pymilvus = _pymilvus()
         client = None
         try:
-            client = _connect(uri)
+            client = connect(uri)
             return cls._open(client, spec, uri, n, dim, keys)
         except (pymilvus.MilvusException, ValueError) as exc:
             if client is not None:  # a refused collection is not left open (a Lite folder stays locked)

@@ -91,6 +91,18 @@ def test_milvus_peer_times_fewer_queries_over_the_ef_values_asked(tmp_path):
     assert "milvus: the first 10" in (tmp_path / "r.md").read_text()
 
 
+def test_the_milvus_server_peer_without_a_server_is_skipped_naming_why(tmp_path):
+    import pytest
+
+    pytest.importorskip("pymilvus")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "retrieval", "--n", "300", "--dim", "8", "--queries", "5", "--parts", "searchers",
+                 "--peers", "milvus-server", "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["peers"] == []
+    assert result["skipped_peers"] == [{"searcher": "milvus-server", "reason": "no Milvus server given (--milvus-uri http://HOST:19530)"}]
+
+
 def test_bad_milvus_options_are_refused_before_anything_runs(tmp_path, capsys):
     for flags, message in ((["--milvus-ef", "32,x"], "comma-separated integers"), (["--milvus-ef", "0"], ">= 1"),
                            (["--milvus-queries", "0"], "--milvus-queries must be >= 1")):

@@ -15,7 +15,8 @@ One run, same data and queries for everyone:
    why), the store size at 0.63M rows, and the effect of shrinking it (int8 per channel, fewer
    channels by PCA) on a model's output, when a model is given.
 
-The peers include ``milvus`` (our MilvusSearcher on Milvus Lite, the ``[milvus]`` extra).
+The peers include ``milvus`` (our MilvusSearcher on Milvus Lite, the ``[milvus]`` extra) and
+``milvus-server`` (the same code against the Milvus server ``--milvus-uri`` names).
 
 The modules, by concern: :mod:`.data` (embeddings and ground truth), :mod:`.peers` (how each
 searcher is built and searched), :mod:`.worker` (one searcher in its own process),

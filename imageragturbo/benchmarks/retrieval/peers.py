@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ("faiss-hnsw", "faiss-ivf", "hnswlib", "milvus")
+PEERS = ("faiss-hnsw", "faiss-ivf", "hnswlib", "milvus", "milvus-server")
 
-PEER_MODULES = {"faiss-hnsw": "faiss", "faiss-ivf": "faiss", "hnswlib": "hnswlib", "milvus": "milvus_lite"}
-PEER_EXTRAS = {"faiss-hnsw": "bench", "faiss-ivf": "bench", "hnswlib": "bench", "milvus": "milvus"}
+PEER_MODULES = {"faiss-hnsw": "faiss", "faiss-ivf": "faiss", "hnswlib": "hnswlib", "milvus": "milvus_lite",
+                "milvus-server": "pymilvus"}
+PEER_EXTRAS = {"faiss-hnsw": "bench", "faiss-ivf": "bench", "hnswlib": "bench", "milvus": "milvus", "milvus-server": "milvus"}
 """The pyproject extra that installs each peer."""
 HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128)
 
@@ -105,14 +106,23 @@ def build_hnswlib(data, spec_args: dict, folder: Path):
 
 
 def build_milvus(data, spec_args: dict, folder: Path):
-    """Our milvus searcher (retrieval/milvus.py) on Milvus Lite in ``folder``: HNSW, M 32, the
-    same efConstruction as the other HNSW peers; timed through MilvusSearcher.search, so the
-    latency includes the client's gRPC round trip to the Lite server in this process."""
-    from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec
+    """Our milvus searcher (retrieval/milvus.py) on Milvus Lite in ``folder``, or (``uri`` in
+    ``spec_args``) on that Milvus server in a collection of its own, dropped when the worker
+    exits: HNSW, M 32, the same efConstruction as the other HNSW peers; timed through
+    MilvusSearcher.search, so the latency includes the client's gRPC round trip (to the Lite
+    server in this process, or over the network)."""
+    import atexit
+    import time
+
+    from imageragturbo.retrieval.milvus import MilvusSearcher, MilvusSpec, connect
 
     m, ef_construction = 32, spec_args.get("ef_construction", 200)
-    spec = MilvusSpec(uri="milvus.db", index_type="HNSW", index_params={"M": m, "efConstruction": ef_construction},
+    uri = spec_args.get("uri")
+    where = {"uri": uri, "collection": f"irt_bench_{time.strftime('%Y%m%d%H%M%S', time.gmtime())}"} if uri else {"uri": "milvus.db"}
+    spec = MilvusSpec(**where, index_type="HNSW", index_params={"M": m, "efConstruction": ef_construction},
                       search_params={"ef": 64})
+    if uri:
+        atexit.register(lambda: connect(uri).drop_collection(spec.collection))
     MilvusSearcher.build(data, spec, folder)
     searcher = MilvusSearcher.load(spec, folder, data.shape[0], data.shape[1], keys=data)
     settings = [{"ef": ef} for ef in spec_args.get("ef_search") or HNSW_EF_SEARCH]
@@ -120,9 +130,10 @@ def build_milvus(data, spec_args: dict, folder: Path):
     def make_search(setting):
         return lambda q, k: searcher.search(q, k, search_params=setting)[0]
 
-    return {"M": m, "efConstruction": ef_construction, "metric": "IP", "server": "milvus-lite"}, settings, make_search
+    server = f"milvus server at {uri}" if uri else "milvus-lite"
+    return {"M": m, "efConstruction": ef_construction, "metric": "IP", "server": server}, settings, make_search
 
 
 BUILDERS = {"scann": build_scann, "faiss-hnsw": build_faiss_hnsw, "faiss-ivf": build_faiss_ivf, "hnswlib": build_hnswlib,
-            "milvus": build_milvus}
+            "milvus": build_milvus, "milvus-server": build_milvus}
 

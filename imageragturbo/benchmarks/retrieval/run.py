@@ -44,6 +44,8 @@ class RetrievalBenchOptions:
     milvus_queries: int | None
     """Time only the first N queries on the milvus peer (None: all of them)."""
     milvus_ef: str
+    milvus_uri: str | None
+    """A Milvus server for the milvus-server peer (None: that peer is skipped, naming why)."""
     """Comma-separated ef values the milvus peer sweeps ('' : the HNSW sweep of the other peers)."""
     h_rows: int
     model: Path | None
@@ -161,11 +163,16 @@ def run_bench(options: RetrievalBenchOptions, on_progress=None) -> dict:
         except ImportError:
             skipped.append({"searcher": peer, "reason": f"{PEER_MODULES[peer]} is not installed (pip install '.[{PEER_EXTRAS[peer]}]')"})
             continue
+        if peer == "milvus-server" and not options.milvus_uri:
+            skipped.append({"searcher": peer, "reason": "no Milvus server given (--milvus-uri http://HOST:19530)"})
+            continue
         params = {"ef_construction": options.hnsw_ef_construction} if peer != "faiss-ivf" else {}
         peer_job = {**job, "searcher": peer, "params": params, "index_dir": str(work / f"idx-{peer}")}
-        if peer == "milvus":
+        if peer.startswith("milvus"):
             params["ef_search"] = milvus_ef
             peer_job["max_queries"] = options.milvus_queries
+        if peer == "milvus-server":
+            params["uri"] = options.milvus_uri
         results.append(spawn_worker(peer_job, work))
         if on_progress:
             on_progress(summary(False))
