@@ -43,6 +43,9 @@ LITE_COLLECTION = "keys"
 SPOT_CHECK_ROWS = 16
 """Rows whose stored vectors are compared with the store's keys when a database is opened."""
 INSERT_BATCH = 2000
+INDEX_WAIT_S = 4 * 3600.0
+"""How long a build waits for a Milvus server to finish indexing what it inserted."""
+INDEX_POLL_S = 5.0
 
 
 def milvus_available() -> bool:
@@ -141,6 +144,31 @@ def _release_lite(path: str) -> None:
     server_manager_instance.release_server(path)
 
 
+def wait_for_index(client, collection: str, n: int, *, timeout_s: float = INDEX_WAIT_S,
+                   poll_s: float = INDEX_POLL_S, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Wait until a Milvus server has indexed all ``n`` rows of ``collection`` (it builds
+    segment indexes in the background after a flush; until then a search scans the unindexed
+    segments by brute force, so its recall is exact and its latency is not the index's).
+    Logs progress; raises on a failed build or after ``timeout_s``. Returns the last description."""
+    started = clock()
+    last_logged = -1
+    while True:
+        info = client.describe_index(collection, "vector") or {}
+        state = str(info.get("state", ""))
+        indexed = int(info.get("indexed_rows", 0))
+        if state == "Failed":
+            raise RuntimeError(f"milvus: indexing {collection!r} failed: {info.get('index_state_fail_reason', info)}")
+        if indexed >= n and int(info.get("pending_index_rows", 0)) == 0:
+            logger.info("milvus: %s indexed %d / %d rows in %.1f s", collection, indexed, n, clock() - started)
+            return info
+        if clock() - started > timeout_s:
+            raise RuntimeError(f"milvus: {collection!r} indexed {indexed} of {n} rows after {timeout_s:.0f} s (state {state or 'unknown'})")
+        if indexed != last_logged:
+            logger.info("milvus: %s indexing: %d / %d rows (%s)", collection, indexed, n, state or "unknown")
+            last_logged = indexed
+        sleep(poll_s)
+
+
 def _tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` but the lock, by its sha256."""
     from imageragturbo.retrieval.disk import sha256_file
@@ -207,8 +235,10 @@ class MilvusSearcher:
             if progress is not None:
                 progress(hi, n)
         client.flush(spec.collection)
+        logger.info("milvus: inserted %d keys in %.1f s", n, time.monotonic() - started)
+        if is_server_uri(uri):
+            wait_for_index(client, spec.collection, n)
         client.load_collection(spec.collection)
-        logger.info("milvus: inserted and indexed %d keys in %.1f s", n, time.monotonic() - started)
         client.close()
         if is_server_uri(uri):
             return
@@ -266,6 +296,9 @@ class MilvusSearcher:
         if index.get("index_type") != spec.index_type or index.get("metric_type") != spec.metric_type:
             raise ValueError(f"collection {spec.collection!r} is indexed {index.get('index_type')}/{index.get('metric_type')}, "
                              f"the manifest says {spec.index_type}/{spec.metric_type}")
+        if is_server_uri(uri) and int(index.get("indexed_rows", n)) < n:
+            logger.warning("milvus: %s has indexed %s of %d rows; until it finishes, searches scan the rest by brute force",
+                           spec.collection, index.get("indexed_rows"), n)
         searcher = cls(client, spec, n, dim, uri)
         if keys is not None:
             searcher.spot_check(keys)

@@ -56,7 +56,7 @@ from imageragturbo.model.text import PromptEncoder
 from imageragturbo.model.unet_split import SplitUNet
 from imageragturbo.training.checkpoints import config_to_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 from imageragturbo.training.ladd_config import LORA_TARGETS, STUDENT_TEXT_BLOCKS, LaddConfig, load_config
-from imageragturbo.training.ladd_data import prepare_data, real_database
+from imageragturbo.training.ladd_data import StyledRows, prepare_data, real_database
 from imageragturbo.training.ladd_eval import evaluate, evaluate_style, one_step_images
 from imageragturbo.training.ladd_losses import (
     DiscriminatorHeads,
@@ -136,6 +136,8 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         raise ValueError(f"style_targets and retrieval: false need an adapter run, got mode {config.mode!r}")
     if config.copy_weight < 0 or (config.copy_weight > 0 and config.mode != "adapter"):
         raise ValueError(f"copy_weight must be >= 0 and needs an adapter run, got {config.copy_weight} in mode {config.mode!r}")
+    if config.copy_text_drop and config.copy_weight <= 0:
+        raise ValueError("copy_text_drop needs copy_weight > 0 (it changes the copy pass's prompt)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.num_threads)
@@ -218,6 +220,7 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         syn_idx = torch.randint(0, len(data.syn_captions), (n_syn,), generator=gen)
         real_idx = torch.randint(0, len(store), (1, n_real), generator=gen).numpy()
         captions = [data.syn_captions[i] for i in syn_idx] + store.captions(real_idx)[0]
+        style_idx = None
         if styled is not None:
             # The target's style, drawn independently of the noise and the prompt.
             style_idx = torch.randint(0, len(styled.styles), (len(captions),), generator=gen).numpy()
@@ -289,10 +292,11 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             loss_g = loss_adv + config.alpha * loss_distill + config.beta * loss_lpips
             loss_copy = x0_hat.new_zeros(())
             if config.copy_weight > 0:
-                z_first = torch.from_numpy(np.asarray(store.latents(keep[:, :1]), dtype=np.float32)[:, 0]).to(device)
+                z_first = torch.from_numpy(copy_targets(store, styled, style_idx, keep[:, 0])).to(device)
                 z_pure = torch.randn(z0.shape, generator=gen).to(device)
                 t_top = torch.full_like(t, config.student_timesteps[0])
-                x0_copy = schedule.predict_x0(generator(z_pure, t_top, ctx_g, h_retr, lam), z_pure, t_top)
+                ctx_copy = ctx_uncond.expand_as(ctx) if config.copy_text_drop else ctx_g
+                x0_copy = schedule.predict_x0(generator(z_pure, t_top, ctx_copy, h_retr, lam), z_pure, t_top)
                 loss_copy = F.smooth_l1_loss(x0_copy, z_first, beta=1.0)
                 loss_g = loss_g + config.copy_weight * loss_copy
             opt_g.zero_grad(set_to_none=True)
@@ -348,6 +352,15 @@ def export(config: LaddConfig, parts: ModelComponents, teacher, generator, out: 
 
 
 INSTALLED_PARTS = {"student": ("unet", "teacher"), "adapter": ("adapter", "unet_lora")}
+
+
+def copy_targets(store, styled: StyledRows | None, style_idx: np.ndarray | None, first: np.ndarray) -> np.ndarray:
+    """The copy term's targets: each item's first neighbour's latent z0 as the generator was
+    shown it, float32 [B, c, h, w]; in the item's target style for style_targets runs (the
+    neighbour rendered on that style's background), else as stored."""
+    if styled is not None:
+        return np.ascontiguousarray(styled.z0[style_idx, first], dtype=np.float32)
+    return np.asarray(store.latents(first[:, None]), dtype=np.float32)[:, 0]
 
 
 def install(export_dir: Path, model_dir: Path, mode: str) -> None:

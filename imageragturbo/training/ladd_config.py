@@ -84,6 +84,9 @@ class LaddConfig:
     the first retrieved neighbour's latent (smooth L1), the optimum of which is the H that
     draws the neighbour (`imageragturbo eval probe --fit-steps`). The paper's losses never ask
     the adapter to carry a neighbour's content; this one does, on train-split neighbours only."""
+    copy_text_drop: bool = False
+    """With ``copy_weight``: the copy pass sees the empty prompt, so the neighbours alone tell
+    it what to draw (colour, shape, count, background); the main pass keeps the caption."""
     style_targets: bool = False
     """Adapter runs on a ``world:N`` database (docs/world.md v2's styles): every item's target gets a
     style drawn independently of its noise and prompt, and its neighbours come from the training

@@ -18,9 +18,10 @@ Stages (each with its own config under ``configs/``, run folders under ``work``)
    (``ladd_adapter_no_retrieval_shapes.json``), as ``<out>/paper_adapter/`` and
    ``<out>/paper_adapter/no_retrieval/``: measured, it does not carry the style (results/);
 9. ``adapter``: the same adapter with retrieval cross-attention (beyond the paper:
-   ``model/retrieval_attention.py``; ``ladd_adapter_xattn_shapes.json``), installed as the
-   model's ``adapter/`` + ``unet_lora/``, and its control
-   (``ladd_adapter_xattn_no_retrieval_shapes.json``) as ``<out>/no_retrieval/``.
+   ``model/retrieval_attention.py``; ``ladd_adapter_xattn_shapes.json``) and the copy term
+   (``copy_weight``: the output pulled toward its top neighbour's latent), installed as the
+   model's ``adapter/`` + ``unet_lora/``, and its control, the same term with the gate fixed
+   to 0 (``ladd_adapter_xattn_no_retrieval_shapes.json``), as ``<out>/no_retrieval/``.
 
 ``resume`` resumes an interrupted stage from its latest checkpoint and skips finished ones
 (a stage is finished when its export exists).

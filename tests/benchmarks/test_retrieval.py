@@ -119,3 +119,17 @@ def test_a_store_that_does_not_fit_on_the_disk_is_skipped_naming_why(tmp_path, m
     g = store.gather_timing(tmp_path, rows=8, k=4, repeats=2)
     assert "GiB free in" in g["float16_skipped"] and "GiB free in" in g["int8"]["skipped"]
     assert "cold_p50_ms" not in g and not list(tmp_path.iterdir())
+
+
+def test_a_rerun_in_the_same_work_dir_reuses_results_and_says_when_they_were_measured(tmp_path):
+    args = ["bench", "retrieval", "--n", "1500", "--dim", "16", "--queries", "40", "--parts", "searchers",
+            "--peers", "", "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "r.md")]
+    assert main([*args, "--json", str(tmp_path / "first.json")]) == 0
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["reused"] == {}
+    assert "reused from the work folder" not in (tmp_path / "r.md").read_text()
+    assert main([*args, "--json", str(tmp_path / "second.json")]) == 0
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert set(second["reused"]) == {"scann"} and second["reused"]["scann"].endswith("UTC")
+    assert second["p50_ms"] == first["p50_ms"] and second["sweep"] == first["sweep"]
+    assert f"scann (finished {second['reused']['scann']})" in (tmp_path / "r.md").read_text()

@@ -145,3 +145,34 @@ def test_a_refused_collection_is_closed_and_its_folder_opens_again(folder, built
             load_database("a", folder)
         assert str((folder / "searcher" / "milvus.db").resolve()) not in server_manager_instance._servers
     _close(load_database("a", good, verify=True))
+
+
+class _IndexingServer:
+    """A stand-in for a Milvus server's describe_index while it builds segment indexes."""
+
+    def __init__(self, progress, state="InProgress"):
+        self.progress, self.state, self.calls = list(progress), state, 0
+
+    def describe_index(self, collection, field):
+        indexed = self.progress[min(self.calls, len(self.progress) - 1)]
+        self.calls += 1
+        return {"indexed_rows": indexed, "pending_index_rows": 100 - indexed,
+                "state": "Finished" if indexed == 100 else self.state}
+
+
+def test_a_server_build_waits_until_every_row_is_indexed():
+    from imageragturbo.retrieval.milvus import wait_for_index
+
+    server, slept = _IndexingServer([0, 40, 40, 100]), []
+    info = wait_for_index(server, "keys", 100, poll_s=1.0, sleep=slept.append)
+    assert info["indexed_rows"] == 100 and server.calls == 4 and slept == [1.0, 1.0, 1.0]
+
+
+def test_a_failed_or_stalled_server_index_is_an_error_naming_the_collection():
+    from imageragturbo.retrieval.milvus import wait_for_index
+
+    with pytest.raises(RuntimeError, match="indexing 'keys' failed"):
+        wait_for_index(_IndexingServer([10], state="Failed"), "keys", 100, sleep=lambda s: None)
+    ticks = iter(range(0, 1000, 10))
+    with pytest.raises(RuntimeError, match="'keys' indexed 40 of 100 rows after 30 s"):
+        wait_for_index(_IndexingServer([40]), "keys", 100, timeout_s=30, clock=lambda: next(ticks), sleep=lambda s: None)

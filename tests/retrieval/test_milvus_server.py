@@ -37,6 +37,8 @@ def test_a_server_database_serves_the_exact_searchers_neighbours(server_database
     out, params = server_database
     assert params["uri"] == URI and params["collection"].startswith("irt_srv_")
     assert not [f for f in out.rglob("*") if f.is_file() and "searcher" in f.parts]  # the index lives on the server
+    index = connect(URI).describe_index(params["collection"], "vector")
+    assert index["indexed_rows"] == 64 and index["pending_index_rows"] == 0  # the build waited for the index
     db = load_database("srv", out, verify=True)
     try:
         keys = np.asarray(db.store.text_emb)

@@ -69,6 +69,11 @@ def test_copy_term_is_logged_changes_the_update_and_needs_an_adapter_run(world_l
     copied, copy_losses = adapter_after_one_step("copy", copy_weight=1.0)
     assert "copy" not in plain_losses and copy_losses["copy"] > 0 and torch.isfinite(torch.tensor(copy_losses["copy"]))
     assert any(not torch.equal(plain[k], copied[k]) for k in plain)  # same seed: only the copy term differs
+    dropped, dropped_losses = adapter_after_one_step("copy_text_drop", copy_weight=1.0, copy_text_drop=True)
+    assert dropped_losses["copy"] != copy_losses["copy"]  # the copy pass saw the empty prompt
+    assert any(not torch.equal(copied[k], dropped[k]) for k in copied)
+    with pytest.raises(ValueError, match="copy_text_drop"):
+        ladd.run(_config(world_like_model, "adapter", copy_text_drop=True), tmp_path / "bad_drop")
     with pytest.raises(ValueError, match="copy_weight"):
         ladd.run(_config(world_like_model, "student", copy_weight=1.0), tmp_path / "bad")
 
@@ -350,3 +355,21 @@ def test_adapter_xattn_run_trains_the_gates_and_the_control_keeps_them_shut(worl
 
     assert gates("xattn").abs().max() > 0  # step 1 opens them, step 2 moves the tokens
     assert torch.equal(gates("control", retrieval=False), torch.zeros(len(gates("xattn"))))
+
+
+def test_copy_targets_are_the_first_neighbour_in_the_target_style():
+    from imageragturbo.training.ladd_data import StyledRows
+
+    class Store:
+        def latents(self, ids):
+            return np.asarray(ids, dtype=np.float16)[:, :, None, None, None] * np.ones((1, 1, 4, 2, 2), np.float16)
+
+    z0 = np.arange(3 * 5, dtype=np.float32).reshape(3, 5, 1, 1, 1) * np.ones((1, 1, 4, 2, 2), np.float32)
+    styled = StyledRows(styles=("dim", "grey", "bright"), z0=z0, h=np.zeros((3, 5, 1, 1, 1), np.float32))
+    first = np.array([4, 0, 2])
+    style_idx = np.array([2, 0, 1])
+    out = ladd.copy_targets(Store(), styled, style_idx, first)
+    assert out.dtype == np.float32 and out.shape == (3, 4, 2, 2)
+    np.testing.assert_array_equal(out[:, 0, 0, 0], [2 * 5 + 4, 0 * 5 + 0, 1 * 5 + 2])  # style s, row i
+    plain = ladd.copy_targets(Store(), None, None, first)
+    np.testing.assert_array_equal(plain[:, 0, 0, 0], first)  # the stored latents of those rows

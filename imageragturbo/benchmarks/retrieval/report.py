@@ -80,6 +80,13 @@ def markdown_report(result: dict, variants: list[dict] = ()) -> str:
     if fewer:
         lines.append("Timed on fewer queries (their recall and percentiles come from these alone): "
                      + "; ".join(f"{r['searcher']}: the first {r['queries']}" for r in fewer) + ".")
+    if result.get("reused"):
+        lines.append("Measured by an earlier invocation with the same settings and reused from the work folder "
+                     "(the benchmark resumes where it stopped): "
+                     + "; ".join(f"{name} (finished {when})" for name, when in result["reused"].items()) + ".")
+    if any(r["searcher"] == "milvus-server" for r in result["peers"]):
+        lines.append("milvus-server: the index lives in the server's own storage, so its index on disk reads 0 "
+                     "and its peak RSS is the client process's alone (the server's memory is not counted).")
     if result["skipped_peers"]:
         lines.append("Skipped: " + "; ".join(f"{s['searcher']} ({s['reason']})" for s in result["skipped_peers"]) + ".")
     verdict = result["no_slower_than_fastest_peer"]
@@ -108,7 +115,7 @@ def markdown_report(result: dict, variants: list[dict] = ()) -> str:
         "",
         f"- Target p50 <= 2.0 ms at recall@10 >= 0.95: ScaNN p50 {result['p50_ms']:.3f} ms at recall "
         f"{result['recall_at_10']:.4f} -> {'met' if result['p50_ms'] <= 2.0 and result['recall_at_10'] >= 0.95 else 'NOT met'}.",
-        f"- No slower than the fastest peer at that recall ({result['fastest_peer_p50_ms']} ms): "
+        f"- No slower than the fastest peer at that recall ({_ms(result['fastest_peer_p50_ms'])}): "
         + ("n/a (no peer ran)" if verdict is None else ("yes" if verdict else "no"))
         + (f", among the peers measured ({', '.join(measured)}); {', '.join(missing)} did not finish in this run, so this is not yet the comparison the target asks for" if missing else ""),
         "",
@@ -180,3 +187,6 @@ def markdown_report(result: dict, variants: list[dict] = ()) -> str:
     ]
     return "\n".join(lines)
 
+
+def _ms(value: float | None) -> str:
+    return "no peer" if value is None else f"{value:.3f} ms"

@@ -145,6 +145,8 @@ def run_bench(options: RetrievalBenchOptions, on_progress=None) -> dict:
             "requested_peers": peers,
             "peers": [{k: v for k, v in r.items() if k != "job"} for r in results],
             "skipped_peers": skipped,
+            # Searchers whose result an earlier invocation with the same job left in --work-dir.
+            "reused": {r["searcher"]: r["reused"] for r in [ours, *results] if r.get("reused")},
             "exact_numpy_p50_ms": float(np.median(exact_ms)) if exact_ms else None,
             "data": {"kind": "clustered gaussian, L2-normalised", "clusters": clusters, "spread": spread, "seed": 0},
             "gather": gather,

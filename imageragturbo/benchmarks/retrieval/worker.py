@@ -6,6 +6,7 @@ Run as ``python -m imageragturbo.benchmarks.retrieval.worker --worker JOB.json``
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -110,6 +111,10 @@ def run_worker(job: dict) -> dict:
 
 
 
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def spawn_worker(job: dict, work: Path) -> dict:
     """Run one searcher's worker process; a result already in ``work`` for the same job is
     reused (so an interrupted run continues where it stopped)."""
@@ -119,7 +124,8 @@ def spawn_worker(job: dict, work: Path) -> dict:
         previous = json.loads(out_file.read_text())
         if previous.get("job") == job:
             logger.info("reusing %s (same job)", out_file)
-            return previous
+            finished = previous.get("finished_at") or _utc(out_file.stat().st_mtime)
+            return {**previous, "reused": finished}
     job_file.write_text(json.dumps({**job, "out": str(out_file)}))
     # One thread for every library: BLAS, OpenMP (faiss), and ScaNN's own pool.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -142,4 +148,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(sys.argv[2]).read_text())
     out = Path(job.pop("out"))
-    out.write_text(json.dumps({**run_worker(job), "job": job}))
+    result = run_worker(job)
+    out.write_text(json.dumps({**result, "job": job, "finished_at": _utc(time.time())}))
