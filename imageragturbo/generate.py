@@ -24,10 +24,11 @@ def auto_mode(pipe) -> str:
     return "adapter" if ("adapter" in pipe.denoisers and pipe.databases) else "off"
 
 
-def check_request(pipe, prompts, seeds, mode: str, steps: int, inject_w, k: int, database: str | None) -> None:
+def check_request(pipe, prompts, seeds, mode: str, steps: int, inject_w, k: int, database: str | None,
+                  start_t: int | None = None) -> None:
     """Raise RequestError when ``pipe`` refuses these inputs (mode, steps, k, database, ...)."""
     try:
-        pipe.check_inputs(prompts, seeds, mode, steps, inject_w, k, database)
+        pipe.check_inputs(prompts, seeds, mode, steps, inject_w, k, database, start_t)
     except ValueError as exc:  # check_inputs validates and computes nothing: every ValueError is the input's
         raise RequestError(str(exc)) from exc
 
@@ -196,6 +197,7 @@ def generate_pngs(
     adapter_dir: Path | None = None,
     lora_dir: Path | None = None,
     verify: bool = False,
+    start_t: int | None = None,
     engine: str = "torch",
     engine_dir: Path | None = None,
     on_call=None,
@@ -219,13 +221,13 @@ def generate_pngs(
     use_engine(pipe, engine, engine_dir)
     load_s = time.perf_counter() - start
     mode = auto_mode(pipe) if mode == "auto" else mode
-    check_request(pipe, [i.prompt for i in items], [i.seed for i in items], mode, steps, inject_w, k, database)
-    used = None if mode == "off" else pipe.databases.resolve(database).name
+    check_request(pipe, [i.prompt for i in items], [i.seed for i in items], mode, steps, inject_w, k, database, start_t)
+    used = None if mode == "off" and start_t is None else pipe.databases.resolve(database).name
 
     def run(batch: list[Item]) -> tuple[Call, object]:
         begin = time.perf_counter()
         result = pipe([i.prompt for i in batch], [i.seed for i in batch], mode=mode, steps=steps,
-                      inject_w=inject_w, k=k, database=database)
+                      inject_w=inject_w, k=k, database=database, start_t=start_t)
         return Call(len(batch), dict(result.timings_ms), (time.perf_counter() - begin) * 1e3), result
 
     done = GeneratedMany(items, mode, used, [], load_s, run(items[:1])[0] if warmup else None)

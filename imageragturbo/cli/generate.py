@@ -29,6 +29,9 @@ def register(sub) -> None:
                      help="auto: 'adapter' when the model has an adapter and a database, else 'off'")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--inject-w", type=float, default=0.8)
+    p.add_argument("--start-t", type=int, default=None,
+                   help="start from the top-1 neighbour's latent noised to this timestep instead of from noise "
+                        "(retrieval as img2img, beyond the paper; any mode)")
     p.add_argument("-k", "--k", type=int, default=4, help="neighbours to retrieve")
     p.add_argument("--out", type=Path, required=True, help="output .png (with --prompts-file: a folder)")
     options.add_model(p)
@@ -60,7 +63,7 @@ def run(args) -> int:
         model, items, max_batch=max_batch, warmup=args.warmup, mode=args.mode, steps=args.steps,
         inject_w=args.inject_w, k=args.k, databases=args.databases, database=args.retrieve_from,
         adapter_dir=args.adapter, lora_dir=args.lora, verify=args.verify_database, engine=args.engine,
-        engine_dir=args.engine_dir, on_call=progress,
+        engine_dir=args.engine_dir, on_call=progress, start_t=args.start_t,
     )
     print(_summary(done, args, max_batch), file=sys.stderr)
     if not many and done.neighbors[0]:

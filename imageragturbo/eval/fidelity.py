@@ -37,6 +37,9 @@ class RowSpec:
     steps: int = 1
     inject_w: float | None = 0.8  # None with mode inject: the per-prompt oracle over ORACLE_WEIGHTS
     cfg_scale: float = 7.5  # teacher only
+    start_t: int | None = None
+    """Start from the top-1 neighbour's latent noised to this timestep (``RagTurboPipeline``'s
+    ``start_t``) instead of from pure noise."""
     with_lora: bool = False
     """Run through the adapter run's decoder LoRA. ``adapter`` rows always do; ``off`` and
     ``inject`` rows are the plain one-step student unless this is set (an ablation)."""
@@ -127,7 +130,8 @@ def evaluate_fidelity(
             if mode == "teacher":
                 chunks.append(teacher_images(pipe, teacher_unet, captions[i : i + batch_size], seeds[i : i + batch_size], row.steps, row.cfg_scale))
             else:
-                result = pipe(captions[i : i + batch_size], seeds[i : i + batch_size], mode=mode, steps=row.steps, inject_w=w, k=k, database=database)
+                result = pipe(captions[i : i + batch_size], seeds[i : i + batch_size], mode=mode, steps=row.steps, inject_w=w, k=k, database=database,
+                              start_t=row.start_t)
                 chunks.append(result.images)
         return np.concatenate(chunks)
 

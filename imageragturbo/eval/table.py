@@ -40,6 +40,7 @@ SPLITS = ("test-seen", "test-tail", "test-held")
 HELD_COMPOSITIONS = tuple(sorted(HELD_OUT))
 CONTROL_DIR = "no_retrieval"
 RANDOM_DATABASE = "random row"
+START_T = 499
 
 # Which weights each row runs on: the bare one-step student, the adapter run (adapter + its
 # decoder LoRA), or the control (the same finetune with the gate at 0: its LoRA, mode off).
@@ -52,12 +53,23 @@ ROWS: tuple[tuple[str, RowSpec], ...] = (
     ("student", RowSpec("injection, oracle w, random row", "inject", inject_w=None)),
     ("adapter", RowSpec("ImageRAGTurbo 1-step (adapter)", "adapter")),
     ("adapter", RowSpec("ImageRAGTurbo 4-step (adapter)", "adapter", steps=4)),
+    # Beyond the paper: one step from the top-1 neighbour's latent noised to t = 499 (halfway,
+    # the 4-step schedule's third level; fixed before any score was seen) instead of from noise.
+    ("student", RowSpec(f"student 1-step, neighbour start t={START_T}", "off", start_t=START_T)),
+    ("adapter", RowSpec(f"ImageRAGTurbo 1-step, neighbour start t={START_T}", "adapter", start_t=START_T)),
 )
 CONTROL_ROW = "no-retrieval finetune (gate 0)"
 ADAPTER_ROW = "ImageRAGTurbo 1-step (adapter)"
+START_ROW = f"ImageRAGTurbo 1-step, neighbour start t={START_T}"
+STUDENT_START_ROW = f"student 1-step, neighbour start t={START_T}"
+# The rows given again minus the control, paired per seed set, and their labels.
+MINUS_CONTROL = ((ADAPTER_ROW, "adapter − no-retrieval control (paired)"),
+                 (START_ROW, f"adapter, neighbour start t={START_T} − no-retrieval control (paired)"),
+                 (STUDENT_START_ROW, f"student, neighbour start t={START_T} − no-retrieval control (paired)"))
 # The style table's modes: (weights, mode, label).
-STYLE_MODES = (("student", "off", "student (off)"), ("control", "off", "no-retrieval finetune"),
-               ("student", "inject", "injection w=0.8"), ("adapter", "adapter", "ImageRAGTurbo (adapter)"))
+STYLE_MODES = (("student", "off", None, "student (off)"), ("control", "off", None, "no-retrieval finetune"),
+               ("student", "inject", None, "injection w=0.8"), ("adapter", "adapter", None, "ImageRAGTurbo (adapter)"),
+               ("student", "off", START_T, f"student, neighbour start t={START_T}"))
 
 
 class RandomRowSearcher:
@@ -161,8 +173,12 @@ def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4, include_teacher: 
                         mine = [s for s, (c, _) in zip(per_prompt, prompts) if _has(c, comp)]
                         cells.setdefault(f"{split}/{' '.join(comp)}", []).append(float(np.mean(mine)) if mine else float("nan"))
     table = {name: {cell: Estimate.of(v) for cell, v in cells.items()} for name, cells in scores.items()}
-    diff = {cell: Estimate.of(np.subtract(scores[ADAPTER_ROW][cell], scores[CONTROL_ROW][cell])) for cell in scores[ADAPTER_ROW]}
-    return {"rows": table, "adapter_minus_control": diff}
+
+    def minus_control(row: str) -> dict:
+        return {cell: Estimate.of(np.subtract(scores[row][cell], scores[CONTROL_ROW][cell])) for cell in scores[row]}
+
+    diffs = {row: minus_control(row) for row, _ in MINUS_CONTROL}
+    return {"rows": table, "adapter_minus_control": diffs[ADAPTER_ROW], "minus_control": diffs}
 
 
 def style_rows(opened: dict, n: int, sets: int, k: int = 4) -> tuple[dict, dict]:
@@ -171,14 +187,15 @@ def style_rows(opened: dict, n: int, sets: int, k: int = 4) -> tuple[dict, dict]
     pipes = opened["pipes"]
     styled = [name for name in pipes["adapter"].databases if name in ("dim", "grey", "bright")]
     table, grids = {}, {}
-    for weights, mode, label in STYLE_MODES:
+    for weights, mode, start_t, label in STYLE_MODES:
         table[label], grids[label] = {}, {}
         for database in styled:
             shares = []
             for j in range(sets):
                 prompts = seed_set("test-seen", n, j, sets)
                 result = pipes[weights]([c for c, _ in prompts], [s for _, s in prompts], mode=mode, k=k,
-                                        database=database if mode != "off" else None)
+                                        database=database if mode != "off" or start_t is not None else None,
+                                        start_t=start_t)
                 shares.append(float(np.mean([read_style(im) == database for im in result.images])))
                 if j == 0:
                     grids[label][database] = result.images[:8]
@@ -211,6 +228,7 @@ def run_table(model_dir: Path, out_dir: Path, *, n: int = 100, seed_sets: int = 
         "wall_s": round(time.perf_counter() - start, 1),
         "fidelity": {row: {cell: asdict(e) for cell, e in cells.items()} for row, cells in fidelity["rows"].items()},
         "adapter_minus_control": {cell: asdict(e) for cell, e in fidelity["adapter_minus_control"].items()},
+        "minus_control": {row: {cell: asdict(e) for cell, e in cells.items()} for row, cells in fidelity["minus_control"].items()},
         "style": {label: {db: asdict(e) for db, e in cells.items()} for label, cells in style.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,12 +259,15 @@ def table_markdown(report: dict, fidelity: dict, style: dict) -> str:
     nfe["VAE round trip (ceiling)"] = 0
     for name, row_cells in fidelity["rows"].items():
         lines.append(f"| {name} | {nfe.get(name, '–')} | " + " | ".join(str(row_cells[c]) for c in cells) + " |")
-    diff = fidelity["adapter_minus_control"]
-    lines.append("| adapter − no-retrieval control (paired) | | " + " | ".join(str(diff[c]) for c in cells) + " |")
+    for row, label in MINUS_CONTROL:
+        diff = fidelity["minus_control"][row]
+        lines.append(f"| {label} | | " + " | ".join(str(diff[c]) for c in cells) + " |")
     lines += [
         "",
         "The control is the same finetune (data, steps, LoRA, trainable parameters) with the gate fixed to 0;",
-        "the last line is the adapter row minus it, per seed set.",
+        "the last lines are an adapter row minus it, per seed set. The neighbour-start rows (beyond the",
+        f"paper) take their one step from the top-1 neighbour's latent noised to t = {START_T} instead of",
+        "from pure noise: retrieval as img2img, with no training for it.",
         "",
         "## Style: share of test-seen outputs in the requested database's background band",
         "",

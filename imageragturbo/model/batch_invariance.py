@@ -35,13 +35,43 @@ def active() -> bool:
 
 @contextmanager
 def batch_invariant(enabled: bool = True):
-    """Run the switched layers batch-invariantly in this thread while the context is open."""
+    """Run the switched layers batch-invariantly in this thread while the context is open, and
+    the element-wise functions of :data:`ITEMWISE_FUNCTIONS` one item at a time."""
     previous = active()
     _state.on = enabled
     try:
-        yield
+        if enabled and not previous:
+            with _ItemwiseElementwise():
+                yield
+        else:
+            yield
     finally:
         _state.on = previous
+
+
+# Vectorised element-wise kernels (AVX-512: 16 floats a step) compute a tensor's last
+# (numel mod width) elements on a scalar path whose transcendental functions (Sleef vs libm)
+# round differently. A lone image's tail lies inside a batch's vector steps, so an
+# activation over a batch rounds an item differently from the same activation over the item
+# alone whenever an item's size is not a multiple of the width (measured: the tiny test
+# models on an AVX-512 CPU; the AVX2 machines these tests passed on before happened to
+# divide). Run one item at a time, each item takes the lone image's path.
+ITEMWISE_FUNCTIONS = frozenset({
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.mish,
+    torch.sigmoid, torch.tanh, torch.exp, torch.erf, torch.nn.functional.softplus,
+    torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.exp, torch.Tensor.erf,
+})
+
+
+class _ItemwiseElementwise(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in ITEMWISE_FUNCTIONS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 \
+                and not kwargs.get("inplace", False):
+            # Contiguous always: a strided input (a chunk, a slice) takes another kernel.
+            x, rest = args[0], args[1:]
+            return torch.cat([func(x[i : i + 1].contiguous(), *rest, **kwargs) for i in range(x.shape[0])])
+        return func(*args, **kwargs)
 
 
 class ItemwiseLinear(torch.nn.Linear):

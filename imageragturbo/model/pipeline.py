@@ -57,6 +57,8 @@ class GenerationResult:
     lam: torch.Tensor | None
     """float32 [B]: the adapter gate (mean cosine to the neighbours); None when nothing was retrieved."""
     neighbors: list[list[Neighbor]]
+    start_t: int | None = None
+    """Set when sampling started from the top-1 neighbour's latent noised to this timestep."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """Wall time per stage for the whole batch, in milliseconds."""
 
@@ -67,6 +69,12 @@ def few_step_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     if not 1 <= steps <= MAX_STEPS:
         raise RequestError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
     return [round(num_train_timesteps * (1 - i / steps)) - 1 for i in range(steps)]
+
+
+def start_timesteps(steps: int, start_t: int) -> list[int]:
+    """The same trailing spacing over [0, start_t] for sampling that starts from a noised
+    neighbour: 1 step -> [start_t]; 2 -> [start_t, (start_t + 1) / 2 - 1]."""
+    return few_step_timesteps(steps, start_t + 1)
 
 
 class _StageClock:
@@ -190,7 +198,7 @@ class RagTurboPipeline:
 
     # -- the request path ------------------------------------------------------------------
 
-    def check_inputs(self, prompts, seeds, mode, steps, inject_w, k, database) -> None:
+    def check_inputs(self, prompts, seeds, mode, steps, inject_w, k, database, start_t=None) -> None:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise RequestError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         for prompt in prompts:
@@ -210,6 +218,17 @@ class RagTurboPipeline:
         weights = np.atleast_1d(np.asarray(inject_w, dtype=np.float32))
         if weights.shape[0] not in (1, len(prompts)) or bool(((weights <= 0) | (weights > 1)).any()):
             raise RequestError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
+        if start_t is not None:
+            t_max = self.num_train_timesteps - 1
+            if isinstance(start_t, bool) or not isinstance(start_t, (int, np.integer)) or not 1 <= start_t < t_max:
+                raise RequestError(f"start_t must be an integer in [1, {t_max - 1}] (or unset: start from noise), got {start_t!r}")
+            if not self.databases:
+                raise RequestError("start_t starts from the top neighbour's latent, but no database is loaded (give one with --database NAME=DIR)")
+            db = self.databases.resolve(database)
+            try:
+                db.store.latents(np.zeros((1, 1), dtype=np.int64))
+            except (ValueError, KeyError) as exc:
+                raise RequestError(f"start_t needs a database that keeps its images' latents; {db.name!r} does not ({exc})") from exc
         if mode != "off":
             if not self.databases:
                 raise RequestError(f"mode {mode!r} retrieves, but no database is loaded (give one with --database NAME=DIR)")
@@ -228,10 +247,16 @@ class RagTurboPipeline:
         inject_w: float | Sequence[float] = 0.8,
         k: int = 4,
         database: str | None = None,
+        start_t: int | None = None,
     ) -> GenerationResult:
+        """``start_t`` (beyond the paper; img2img from the database, as RDM's sampling-time
+        database use): start from the top-1 neighbour's stored latent noised to ``start_t``
+        with the seed's noise instead of from pure noise, and take ``steps`` steps from there.
+        The neighbour's layout survives in proportion to how low ``start_t`` is
+        (``results/ladd-experiments.md`` §9 measures it); works in every mode, ``off`` included."""
         # 1. check inputs
         prompts, seeds = list(prompts), [int(s) for s in seeds]
-        self.check_inputs(prompts, seeds, mode, steps, inject_w, k, database)
+        self.check_inputs(prompts, seeds, mode, steps, inject_w, k, database, start_t)
         clock = _StageClock()
         device = self.device
         batch = len(prompts)
@@ -246,13 +271,15 @@ class RagTurboPipeline:
             # 3. retrieve: k neighbours, their stored H-features and the gate lambda
             h_retr = lam = None
             neighbors: list[list[Neighbor]] = [[] for _ in prompts]
-            if mode != "off":
+            if mode != "off" or start_t is not None:
                 with clock.stage("retrieve"):
-                    found = self.databases.resolve(database).retrieve(
-                        encoded.q.cpu().numpy(), INJECT_K if mode == "inject" else k, texts=prompts
-                    )
-                    lam = torch.from_numpy(found.gate)
-                    h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
+                    db = self.databases.resolve(database)
+                    found = db.retrieve(encoded.q.cpu().numpy(), INJECT_K if mode in ("inject", "off") else k, texts=prompts)
+                    if mode != "off":
+                        lam = torch.from_numpy(found.gate)
+                        h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
+                    if start_t is not None:
+                        z0_start = torch.from_numpy(np.asarray(db.store.latents(found.ids[:, :1]), dtype=np.float32)[:, 0])
                     neighbors = [
                         [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
                         for srow, crow, xrow in zip(found.source_ids(), found.captions(), found.scores)
@@ -261,9 +288,13 @@ class RagTurboPipeline:
             # 4. noise from the seeds: one generator per item, so batching never changes an image
             generators = seed_generators(seeds)
             z_t = draw(generators, self.latent_shape).to(device, ctx.dtype)
+            if start_t is not None:
+                z_t = self.schedule.add_noise(z0_start.to(device, ctx.dtype), z_t, start_t)
+                timesteps = start_timesteps(steps, start_t)
+            else:
+                timesteps = few_step_timesteps(steps, self.num_train_timesteps)
 
             # 5.-7. UNet encoder -> adapter | injection | nothing -> UNet decoder, x0 from the output
-            timesteps = few_step_timesteps(steps, self.num_train_timesteps)
             w = torch.as_tensor(inject_w, dtype=torch.float32).reshape(-1).expand(batch).to(device)
             lam_dev = lam.to(device) if lam is not None else None
             denoiser = self.denoisers[mode]
@@ -294,6 +325,7 @@ class RagTurboPipeline:
             steps=steps,
             lam=lam,
             neighbors=neighbors,
+            start_t=start_t,
             timings_ms=clock.ms,
         )
 

@@ -68,6 +68,7 @@ class BatchKey:
     steps: int
     k: int
     database: str | None
+    start_t: int | None = None
 
 
 @dataclass
@@ -413,6 +414,7 @@ def pipeline_runner(pipe: RagTurboPipeline) -> RunBatch:
             inject_w=[job.inject_w for job in jobs for _ in job.seeds],
             k=key.k,
             database=key.database,
+            start_t=key.start_t,
         )
         stage_ms = {stage: float(result.timings_ms.get(stage, 0.0)) for stage in STAGES}
         results, start = [], 0

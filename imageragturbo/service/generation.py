@@ -275,11 +275,15 @@ class GenerationService:
             if "k" in request.model_fields_set:
                 raise ApiError(422, f"k must be at most {size}, the size of database {database!r}; got {k}", param="k")
             k = size
-        if mode == "off":
+        start_t = request.start_t
+        if start_t is not None and database is None:
+            raise ApiError(422, "start_t starts from the top neighbour's latent, and no database is configured", param="start_t")
+        if mode == "off" and start_t is None:
             key = BatchKey(mode="off", steps=request.steps, k=1, database=None)
         else:
             context.database = database
-            key = BatchKey(mode=mode, steps=request.steps, k=INJECT_K if mode == "inject" else k, database=database)
+            key = BatchKey(mode=mode, steps=request.steps, k=k if mode == "adapter" else INJECT_K, database=database,
+                           start_t=start_t)
         if request.seed is not None:
             seeds = [request.seed + i for i in range(request.n)]
         else:

@@ -38,9 +38,16 @@ def test_table_on_a_toy_world_model(tiny_world_model, tmp_path):
     adapter = report["fidelity"]["ImageRAGTurbo 1-step (adapter)"]["test-tail"]["per_set"]
     control = report["fidelity"]["no-retrieval finetune (gate 0)"]["test-tail"]["per_set"]
     assert np.allclose(diff["per_set"], np.subtract(adapter, control))
-    assert set(report["style"]) == {"student (off)", "no-retrieval finetune", "injection w=0.8", "ImageRAGTurbo (adapter)"}
+    student_start = report["fidelity"]["student 1-step, neighbour start t=499"]["test-tail"]["per_set"]
+    assert np.allclose(report["minus_control"]["student 1-step, neighbour start t=499"]["test-tail"]["per_set"],
+                       np.subtract(student_start, control))
+    assert set(report["minus_control"]) == {"ImageRAGTurbo 1-step (adapter)", "ImageRAGTurbo 1-step, neighbour start t=499",
+                                            "student 1-step, neighbour start t=499"}
+    assert set(report["style"]) == {"student (off)", "no-retrieval finetune", "injection w=0.8", "ImageRAGTurbo (adapter)",
+                                    "student, neighbour start t=499"}
     assert all(set(v) == {"grey", "bright", "dim"} for v in report["style"].values())
     md = (tmp_path / "fidelity.md").read_text()
     assert "adapter − no-retrieval control (paired)" in md and "± " in md
+    assert "student, neighbour start t=499 − no-retrieval control (paired)" in md
     assert (tmp_path / "fidelity.png").is_file() and (tmp_path / "style_grid.png").is_file()
     assert json.loads((tmp_path / "fidelity.json").read_text())["seed_sets"] == 2

@@ -181,3 +181,70 @@ def test_x0_parameterisations(v_pipe):
         torch.testing.assert_close(one, z0[:1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prediction_type"):
         NoiseSchedule(v_pipe.schedule.alphas_cumprod, "flow")
+
+
+# -- start_t: sampling from the top neighbour's latent (retrieval as img2img) -------------------
+
+
+def _latent_database(pipe, name="with-latents"):
+    gen = torch.Generator().manual_seed(7)
+    z0 = torch.randn(len(CAPTIONS), *pipe.latent_shape, generator=gen)
+    e, h = pipe.encode_database_rows(z0, CAPTIONS)
+    store = InMemoryFeatureStore(e.numpy(), h.numpy().astype(np.float16), CAPTIONS, pipe.components.model_id,
+                                 z0=z0.numpy())
+    return RetrievalDatabase(name, ExactSearcher(e.numpy()), store), z0
+
+
+@pytest.fixture(scope="module")
+def start_pipe(tiny_v_model_dir):
+    pipe = _pipeline(tiny_v_model_dir)
+    db, z0 = _latent_database(pipe)
+    pipe.add_database(db)
+    return pipe, z0
+
+
+@pytest.mark.parametrize("mode", ["off", "adapter"])
+def test_start_t_takes_its_step_from_the_top_neighbour_noised_to_t(start_pipe, mode):
+    from imageragturbo.model.noise import draw, seed_generators
+
+    pipe, z0 = start_pipe
+    t, seed = 499, 5
+    result = pipe(["two blue squares"], [seed], mode=mode, k=2, start_t=t, database="with-latents")
+    assert result.start_t == t and result.neighbors[0][0].caption == "two blue squares"
+    z_t = pipe.schedule.add_noise(z0[CAPTIONS.index("two blue squares")][None], draw(seed_generators([seed]), pipe.latent_shape), t)
+    encoded = pipe.encoder(["two blue squares"])
+    found = pipe.databases["with-latents"].retrieve(encoded.q.numpy(), 2, texts=["two blue squares"])
+    h_retr = torch.from_numpy(found.h) if mode == "adapter" else None
+    lam = torch.from_numpy(found.gate) if mode == "adapter" else None
+    with torch.inference_mode():
+        out = pipe.denoise(pipe.denoisers[mode], z_t, torch.full((1,), t), encoded.ctx, h_retr, lam, torch.full((1,), 0.8))
+    expected = pipe.schedule.predict_x0(out, z_t, t)
+    torch.testing.assert_close(result.latents, expected, atol=1e-5, rtol=0)
+
+
+def test_start_t_lower_keeps_more_of_the_neighbour_and_batches_like_singles(start_pipe):
+    pipe, z0 = start_pipe
+    target = z0[CAPTIONS.index("three red circles")]
+    distance = {t: float(((pipe(["three red circles"], [3], mode="off", start_t=t, database="with-latents").latents[0]
+                           - target) ** 2).mean()) for t in (50, 500, 950)}
+    assert distance[50] < distance[500] < distance[950], distance
+    batch = pipe(PROMPTS, [1, 2, 3], mode="adapter", k=2, start_t=249, steps=2, database="with-latents")
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, [1, 2, 3])):
+        single = pipe([prompt], [seed], mode="adapter", k=2, start_t=249, steps=2, database="with-latents")
+        assert torch.equal(batch.latents[i], single.latents[0])
+
+
+@pytest.mark.parametrize("start_t", [0, 999, 1.5, True, "10"])
+def test_bad_start_t_is_refused_naming_it(start_pipe, start_t):
+    pipe, _ = start_pipe
+    with pytest.raises(ValueError, match="start_t must be an integer in \\[1, 998\\]"):
+        pipe(["a"], [1], mode="off", start_t=start_t, database="with-latents")
+
+
+def test_start_t_needs_a_database_with_latents(start_pipe, tiny_v_model_dir):
+    pipe, _ = start_pipe
+    with pytest.raises(ValueError, match="start_t needs a database that keeps its images' latents; 'db'"):
+        pipe(["a"], [1], mode="off", start_t=100, database="db")
+    with pytest.raises(ValueError, match="no database is loaded"):
+        RagTurboPipeline(load_model(tiny_v_model_dir))(["a"], [1], mode="off", start_t=100)
+

@@ -64,6 +64,19 @@ def test_off_and_inject_modes_and_the_largest_seed(server):
     assert inject.status_code == 200 and len(inject.json()["neighbors"]) == 1  # top-1 only
 
 
+def test_start_t_starts_from_the_top_neighbour_in_any_mode(server, tiny_pipe):
+    for mode in ("off", "adapter"):
+        body = {"prompt": "two blue squares", "seed": 9, "mode": mode, "k": 2, "start_t": 499}
+        response = httpx.post(f"{server.url}/generate", json=body, headers={"Accept": "application/json"})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["mode"] == mode and answer["neighbors"][0]["caption"] == "two blue squares"
+        expected = tiny_pipe(["two blue squares"], [9], mode=mode, k=2, start_t=499)
+        assert np.array_equal(_png(base64.b64decode(answer["image"])), expected.images[0])
+        from_noise = tiny_pipe(["two blue squares"], [9], mode=mode, k=2)
+        assert not np.array_equal(expected.images[0], from_noise.images[0])
+
+
 def _batch_count(url):
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         if family.name == "irt_batch_size":
@@ -121,6 +134,9 @@ BAD_INPUTS = [
     ({"prompt": "a", "database": "/etc/passwd"}, 404, "unknown database '/etc/passwd'"),
     ({"prompt": "a", "database": ""}, 404, "unknown database ''"),
     ({"prompt": "a", "database": 3}, 422, "database: Input should be a valid string"),
+    ({"prompt": "a", "start_t": 0}, 422, "start_t: Input should be greater than or equal to 1"),
+    ({"prompt": "a", "start_t": 999}, 422, "start_t: Input should be less than or equal to 998"),
+    ({"prompt": "a", "start_t": 2.5}, 422, "start_t:"),
 ]
 
 
