@@ -219,22 +219,26 @@ class RagTurboPipeline:
         if weights.shape[0] not in (1, len(prompts)) or bool(((weights <= 0) | (weights > 1)).any()):
             raise RequestError(f"inject_w must be in (0, 1] (one value, or one per prompt), got {inject_w!r}")
         if start_t is not None:
-            t_max = self.num_train_timesteps - 1
-            if isinstance(start_t, bool) or not isinstance(start_t, (int, np.integer)) or not 1 <= start_t < t_max:
-                raise RequestError(f"start_t must be an integer in [1, {t_max - 1}] (or unset: start from noise), got {start_t!r}")
-            if not self.databases:
-                raise RequestError("start_t starts from the top neighbour's latent, but no database is loaded (give one with --database NAME=DIR)")
-            db = self.databases.resolve(database)
-            try:
-                db.store.latents(np.zeros((1, 1), dtype=np.int64))
-            except (ValueError, KeyError) as exc:
-                raise RequestError(f"start_t needs a database that keeps its images' latents; {db.name!r} does not ({exc})") from exc
+            self.check_start(start_t, database)
         if mode != "off":
             if not self.databases:
                 raise RequestError(f"mode {mode!r} retrieves, but no database is loaded (give one with --database NAME=DIR)")
             n = len(self.databases.resolve(database).store)
             if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
                 raise RequestError(f"k must be an integer in [1, {n}], got {k!r}")
+
+    def check_start(self, start_t, database: str | None) -> None:
+        """Raise RequestError unless ``start_t`` can start from ``database``'s top neighbour."""
+        t_max = self.num_train_timesteps - 1
+        if isinstance(start_t, bool) or not isinstance(start_t, (int, np.integer)) or not 1 <= start_t < t_max:
+            raise RequestError(f"start_t must be an integer in [1, {t_max - 1}] (or unset: start from noise), got {start_t!r}")
+        if not self.databases:
+            raise RequestError("start_t starts from the top neighbour's latent, but no database is loaded (give one with --database NAME=DIR)")
+        db = self.databases.resolve(database)
+        try:
+            db.store.latents(np.zeros((1, 1), dtype=np.int64))
+        except (ValueError, KeyError) as exc:
+            raise RequestError(f"start_t needs a database that keeps its images' latents; {db.name!r} does not ({exc})") from exc
 
     @torch.inference_mode()
     def __call__(

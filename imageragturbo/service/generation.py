@@ -276,8 +276,11 @@ class GenerationService:
                 raise ApiError(422, f"k must be at most {size}, the size of database {database!r}; got {k}", param="k")
             k = size
         start_t = request.start_t
-        if start_t is not None and database is None:
-            raise ApiError(422, "start_t starts from the top neighbour's latent, and no database is configured", param="start_t")
+        if start_t is not None:
+            try:
+                self.pipe.check_start(start_t, database)
+            except ValueError as exc:
+                raise ApiError(422, str(exc), param="start_t") from exc
         if mode == "off" and start_t is None:
             key = BatchKey(mode="off", steps=request.steps, k=1, database=None)
         else:

@@ -95,6 +95,8 @@ def _served_bounds(body: dict, service) -> list[dict]:
     properties["mode"]["anyOf"] = [{"type": "string", "enum": list(service.available_modes)}, {"type": "null"}]
     sizes = {name: len(db.store) for name, db in service.pipe.databases.items()}
     if not sizes:
+        # start_t starts from a database's neighbour: with none, only its default is valid.
+        properties["start_t"] = {"type": "null", "description": "no database is configured: start from noise only"}
         return []
     top = min(MAX_K, max(sizes.values()))
     properties["k"]["maximum"] = top

@@ -79,10 +79,8 @@ class GenerateRequest(BaseModel):
         "when absent",
     )
     steps: JsonInt = Field(1, ge=1, le=4, description="UNet passes (the paper's few-step schedule)")
-    start_t: JsonInt | None = Field(
+    start_t: Annotated[int, Field(ge=1, le=998), BeforeValidator(_json_integer)] | None = Field(
         None,
-        ge=1,
-        le=998,
         description="beyond the paper: start from the top-1 neighbour's latent noised to this timestep (of "
         "the model's 1000) instead of from pure noise, then take `steps` steps from there: retrieval as "
         "img2img, in any mode; needs a database. Lower keeps more of the neighbour. Default: from noise",
