@@ -79,7 +79,7 @@ def probe_latents(
     encoded = pipe.encoder(captions)
     ctx, device, dtype = encoded.ctx, pipe.device, encoded.ctx.dtype
     found = db.retrieve(encoded.q.cpu().numpy(), 1, texts=captions)
-    z0_nb = torch.from_numpy(np.asarray(db.store.latents(found.ids), dtype=np.float32)[:, 0]).to(device, dtype)
+    z0_nb = torch.from_numpy(found.top_latents()).to(device, dtype)
     h_nb = torch.from_numpy(found.h[:, 0]).to(device, dtype)
     z_T = initial_noise(seeds, pipe.latent_shape)
     z_T = z_T.to(device, dtype)

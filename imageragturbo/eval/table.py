@@ -41,6 +41,8 @@ HELD_COMPOSITIONS = tuple(sorted(HELD_OUT))
 CONTROL_DIR = "no_retrieval"
 RANDOM_DATABASE = "random row"
 START_T = 499
+START_ROW = f"ImageRAGTurbo 1-step, neighbour start t={START_T}"
+STUDENT_START_ROW = f"student 1-step, neighbour start t={START_T}"
 
 # Which weights each row runs on: the bare one-step student, the adapter run (adapter + its
 # decoder LoRA), or the control (the same finetune with the gate at 0: its LoRA, mode off).
@@ -55,18 +57,16 @@ ROWS: tuple[tuple[str, RowSpec], ...] = (
     ("adapter", RowSpec("ImageRAGTurbo 4-step (adapter)", "adapter", steps=4)),
     # Beyond the paper: one step from the top-1 neighbour's latent noised to t = 499 (halfway,
     # the 4-step schedule's third level; fixed before any score was seen) instead of from noise.
-    ("student", RowSpec(f"student 1-step, neighbour start t={START_T}", "off", start_t=START_T)),
-    ("adapter", RowSpec(f"ImageRAGTurbo 1-step, neighbour start t={START_T}", "adapter", start_t=START_T)),
+    ("student", RowSpec(STUDENT_START_ROW, "off", start_t=START_T)),
+    ("adapter", RowSpec(START_ROW, "adapter", start_t=START_T)),
 )
 CONTROL_ROW = "no-retrieval finetune (gate 0)"
 ADAPTER_ROW = "ImageRAGTurbo 1-step (adapter)"
-START_ROW = f"ImageRAGTurbo 1-step, neighbour start t={START_T}"
-STUDENT_START_ROW = f"student 1-step, neighbour start t={START_T}"
 # The rows given again minus the control, paired per seed set, and their labels.
 MINUS_CONTROL = ((ADAPTER_ROW, "adapter − no-retrieval control (paired)"),
                  (START_ROW, f"adapter, neighbour start t={START_T} − no-retrieval control (paired)"),
                  (STUDENT_START_ROW, f"student, neighbour start t={START_T} − no-retrieval control (paired)"))
-# The style table's modes: (weights, mode, label).
+# The style table's modes: (weights, mode, start_t, label).
 STYLE_MODES = (("student", "off", None, "student (off)"), ("control", "off", None, "no-retrieval finetune"),
                ("student", "inject", None, "injection w=0.8"), ("adapter", "adapter", None, "ImageRAGTurbo (adapter)"),
                ("student", "off", START_T, f"student, neighbour start t={START_T}"))

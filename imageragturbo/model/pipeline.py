@@ -283,7 +283,7 @@ class RagTurboPipeline:
                         lam = torch.from_numpy(found.gate)
                         h_retr = torch.from_numpy(found.h).to(device, ctx.dtype)
                     if start_t is not None:
-                        z0_start = torch.from_numpy(np.asarray(db.store.latents(found.ids[:, :1]), dtype=np.float32)[:, 0])
+                        z0_start = torch.from_numpy(found.top_latents())
                     neighbors = [
                         [Neighbor(id=s, caption=c, score=float(x)) for s, c, x in zip(srow, crow, xrow)]
                         for srow, crow, xrow in zip(found.source_ids(), found.captions(), found.scores)

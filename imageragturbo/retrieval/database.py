@@ -51,6 +51,10 @@ class Retrieval:
     def source_ids(self) -> list[list[str]]:
         return self.store.source_ids(self.ids)
 
+    def top_latents(self) -> np.ndarray:
+        """float32 [B, c, h, w]: each query's nearest neighbour's stored latent z0."""
+        return np.asarray(self.store.latents(self.ids[:, :1]), dtype=np.float32)[:, 0]
+
 
 @dataclass
 class RetrievalDatabase:
