@@ -16,6 +16,9 @@ scores, with the prompt's caption and seed:
 - ``neighbour at t``: the one-step model's x0 from the neighbour's latent noised to t (the
   seed's noise), with the target's prompt: what the UNet does when the neighbour's layout
   reaches it through every path, as in img2img;
+- ``neighbour + latent noise σ``: the neighbour's latent plus Gaussian noise of standard
+  deviation σ (seeded, no model): how far from the neighbour's latent a decoded image may
+  land and still score, the scale against which the other rows' latent MSE reads;
 - ``H fitted to the neighbour`` (with ``fit_steps`` > 0): the one-step pass with an H-feature
   optimised (Adam on H alone, the UNet frozen) so that the output's x0 matches the
   neighbour's latent: an estimate of the most that any H-space edit, learned or not, can draw
@@ -38,6 +41,8 @@ from imageragturbo.model.pipeline import RagTurboPipeline
 from imageragturbo.world.verifier import verify
 
 NOISED_TIMESTEPS = (249, 499, 749)
+START_TIMESTEPS = (99, 249, 499, 749)
+NOISE_SIGMAS = (0.1, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,9 @@ def probe_latents(
     prompts: list[tuple[str, int]],
     *,
     database: str | None = None,
-    timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
+    timesteps: tuple[int, ...] = START_TIMESTEPS,
     h_timesteps: tuple[int, ...] = NOISED_TIMESTEPS,
+    noise_sigmas: tuple[float, ...] = NOISE_SIGMAS,
     fit_steps: int = 0,
     fit_lr: float = 0.3,
 ) -> dict[str, torch.Tensor]:
@@ -103,6 +109,9 @@ def probe_latents(
         latents[f"neighbour H at t={t}"] = x0_with(pipe.split.encode(pipe.schedule.add_noise(z0_nb, eps_nb, t), t_nb, ctx_nb).h)
     for t in timesteps:
         latents[f"neighbour at t={t}"] = one_step(pipe.schedule.add_noise(z0_nb, z_T, t), t)
+    eps = torch.randn(z0_nb.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    for sigma in noise_sigmas:
+        latents[f"neighbour + latent noise σ={sigma}"] = z0_nb + sigma * eps
     if fit_steps > 0:
         latents[f"H fitted to the neighbour ({fit_steps} steps)"] = _fit_h(x0_with, enc_T.h, z0_nb, fit_steps, fit_lr)
     return latents

@@ -43,12 +43,17 @@ RANDOM_DATABASE = "random row"
 START_T = 499
 START_ROW = f"ImageRAGTurbo 1-step, neighbour start t={START_T}"
 STUDENT_START_ROW = f"student 1-step, neighbour start t={START_T}"
+LOW_START_T = 249
+"""A second point of the start's trade (more of the neighbour kept, less of the seed's variety),
+reported beside the pre-chosen t = 499, not in its place."""
+STUDENT_LOW_START_ROW = f"student 1-step, neighbour start t={LOW_START_T}"
+STUDENT_ROW = "student 1-step (off)"
 
 # Which weights each row runs on: the bare one-step student, the adapter run (adapter + its
 # decoder LoRA), or the control (the same finetune with the gate at 0: its LoRA, mode off).
 ROWS: tuple[tuple[str, RowSpec], ...] = (
     ("student", RowSpec("teacher 25-step (CFG 3)", "teacher", steps=25, cfg_scale=3.0)),
-    ("student", RowSpec("student 1-step (off)", "off")),
+    ("student", RowSpec(STUDENT_ROW, "off")),
     ("control", RowSpec("no-retrieval finetune (gate 0)", "off")),
     ("student", RowSpec("injection w=0.8", "inject", inject_w=0.8)),
     ("student", RowSpec("injection, oracle w", "inject", inject_w=None)),
@@ -58,6 +63,7 @@ ROWS: tuple[tuple[str, RowSpec], ...] = (
     # Beyond the paper: one step from the top-1 neighbour's latent noised to t = 499 (halfway,
     # the 4-step schedule's third level; fixed before any score was seen) instead of from noise.
     ("student", RowSpec(STUDENT_START_ROW, "off", start_t=START_T)),
+    ("student", RowSpec(STUDENT_LOW_START_ROW, "off", start_t=LOW_START_T)),
     ("adapter", RowSpec(START_ROW, "adapter", start_t=START_T)),
 )
 CONTROL_ROW = "no-retrieval finetune (gate 0)"
@@ -65,7 +71,13 @@ ADAPTER_ROW = "ImageRAGTurbo 1-step (adapter)"
 # The rows given again minus the control, paired per seed set, and their labels.
 MINUS_CONTROL = ((ADAPTER_ROW, "adapter − no-retrieval control (paired)"),
                  (START_ROW, f"adapter, neighbour start t={START_T} − no-retrieval control (paired)"),
-                 (STUDENT_START_ROW, f"student, neighbour start t={START_T} − no-retrieval control (paired)"))
+                 (STUDENT_START_ROW, f"student, neighbour start t={START_T} − no-retrieval control (paired)"),
+                 (STUDENT_LOW_START_ROW, f"student, neighbour start t={LOW_START_T} − no-retrieval control (paired)"))
+# The student's start rows minus the bare student, paired: the same weights with and without
+# the neighbour, so what the retrieved latent alone adds (the control's line mixes in what the
+# finetune itself loses).
+MINUS_STUDENT = ((STUDENT_START_ROW, f"student, neighbour start t={START_T} − student (paired: retrieval alone)"),
+                 (STUDENT_LOW_START_ROW, f"student, neighbour start t={LOW_START_T} − student (paired: retrieval alone)"))
 # The style table's modes: (weights, mode, start_t, label).
 STYLE_MODES = (("student", "off", None, "student (off)"), ("control", "off", None, "no-retrieval finetune"),
                ("student", "inject", None, "injection w=0.8"), ("adapter", "adapter", None, "ImageRAGTurbo (adapter)"),
@@ -174,11 +186,12 @@ def fidelity_rows(opened: dict, n: int, sets: int, k: int = 4, include_teacher: 
                         cells.setdefault(f"{split}/{' '.join(comp)}", []).append(float(np.mean(mine)) if mine else float("nan"))
     table = {name: {cell: Estimate.of(v) for cell, v in cells.items()} for name, cells in scores.items()}
 
-    def minus_control(row: str) -> dict:
-        return {cell: Estimate.of(np.subtract(scores[row][cell], scores[CONTROL_ROW][cell])) for cell in scores[row]}
+    def minus(row: str, baseline: str) -> dict:
+        return {cell: Estimate.of(np.subtract(scores[row][cell], scores[baseline][cell])) for cell in scores[row]}
 
-    diffs = {row: minus_control(row) for row, _ in MINUS_CONTROL}
-    return {"rows": table, "adapter_minus_control": diffs[ADAPTER_ROW], "minus_control": diffs}
+    diffs = {row: minus(row, CONTROL_ROW) for row, _ in MINUS_CONTROL}
+    return {"rows": table, "adapter_minus_control": diffs[ADAPTER_ROW], "minus_control": diffs,
+            "minus_student": {row: minus(row, STUDENT_ROW) for row, _ in MINUS_STUDENT}}
 
 
 def style_rows(opened: dict, n: int, sets: int, k: int = 4) -> tuple[dict, dict]:
@@ -229,6 +242,7 @@ def run_table(model_dir: Path, out_dir: Path, *, n: int = 100, seed_sets: int = 
         "fidelity": {row: {cell: asdict(e) for cell, e in cells.items()} for row, cells in fidelity["rows"].items()},
         "adapter_minus_control": {cell: asdict(e) for cell, e in fidelity["adapter_minus_control"].items()},
         "minus_control": {row: {cell: asdict(e) for cell, e in cells.items()} for row, cells in fidelity["minus_control"].items()},
+        "minus_student": {row: {cell: asdict(e) for cell, e in cells.items()} for row, cells in fidelity["minus_student"].items()},
         "style": {label: {db: asdict(e) for db, e in cells.items()} for label, cells in style.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,15 +273,17 @@ def table_markdown(report: dict, fidelity: dict, style: dict) -> str:
     nfe["VAE round trip (ceiling)"] = 0
     for name, row_cells in fidelity["rows"].items():
         lines.append(f"| {name} | {nfe.get(name, '–')} | " + " | ".join(str(row_cells[c]) for c in cells) + " |")
-    for row, label in MINUS_CONTROL:
-        diff = fidelity["minus_control"][row]
-        lines.append(f"| {label} | | " + " | ".join(str(diff[c]) for c in cells) + " |")
+    for key, pairs in (("minus_control", MINUS_CONTROL), ("minus_student", MINUS_STUDENT)):
+        for row, label in pairs:
+            diff = fidelity[key][row]
+            lines.append(f"| {label} | | " + " | ".join(str(diff[c]) for c in cells) + " |")
     lines += [
         "",
         "The control is the same finetune (data, steps, LoRA, trainable parameters) with the gate fixed to 0;",
-        "the last lines are an adapter row minus it, per seed set. The neighbour-start rows (beyond the",
-        f"paper) take their one step from the top-1 neighbour's latent noised to t = {START_T} instead of",
-        "from pure noise: retrieval as img2img, with no training for it.",
+        "the paired lines are a row minus it (or minus the bare student), per seed set. The neighbour-start",
+        f"rows (beyond the paper) take their one step from the top-1 neighbour's latent noised to t = {START_T}",
+        f"(chosen before any score; t = {LOW_START_T} beside it) instead of from pure noise: retrieval as",
+        "img2img, with no training for it.",
         "",
         "## Style: share of test-seen outputs in the requested database's background band",
         "",

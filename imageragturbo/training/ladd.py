@@ -138,6 +138,13 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         raise ValueError(f"copy_weight must be >= 0 and needs an adapter run, got {config.copy_weight} in mode {config.mode!r}")
     if config.copy_text_drop and config.copy_weight <= 0:
         raise ValueError("copy_text_drop needs copy_weight > 0 (it changes the copy pass's prompt)")
+    t_max = config.student_timesteps[0]
+    if config.copy_start_t and (config.copy_weight <= 0 or not config.retrieval or not 0 < config.copy_start_t < t_max):
+        raise ValueError(
+            f"copy_start_t must be in [1, {t_max - 1}] (0: off) and needs copy_weight > 0 and retrieval "
+            f"(the control's copy pass starts from noise), got {config.copy_start_t} with copy_weight "
+            f"{config.copy_weight}, retrieval {config.retrieval}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.num_threads)
@@ -193,12 +200,17 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
     n_syn = config.micro_batch_size - n_real
 
     def scores() -> dict[str, float]:
-        """The periodic evaluation: the verifier on each split, for ``text_swap`` runs on
+        """The periodic evaluation: the verifier on each split (and, for ``copy_start_t`` runs,
+        from the neighbour start too), for ``text_swap`` runs on
         test-seen with swapped generator prompts (what the neighbours carry), and for
         ``style_targets`` runs the share of outputs in their neighbours' style."""
         model, result = accelerator.unwrap_model(generator), {}
         for split, database in eval_sets:
             result["verifier_" + split.replace("-", "_")] = evaluate(config, parts, model, schedule, encoder, database, split)
+            if config.copy_start_t:
+                result["verifier_" + split.replace("-", "_") + "_start"] = evaluate(
+                    config, parts, model, schedule, encoder, database, split, start_t=config.copy_start_t
+                )
         if config.text_swap > 0:
             result["verifier_test_seen_swapped"] = evaluate(
                 config, parts, model, schedule, encoder, data.real, "test-seen", swapped=True
@@ -294,7 +306,10 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             if config.copy_weight > 0:
                 z_first = torch.from_numpy(copy_targets(store, styled, style_idx, keep[:, 0])).to(device)
                 z_pure = torch.randn(z0.shape, generator=gen).to(device)
-                t_top = torch.full_like(t, config.student_timesteps[0])
+                t_top = torch.full_like(t, config.copy_start_t or config.student_timesteps[0])
+                if config.copy_start_t:
+                    # one step from the neighbour noised to copy_start_t, as the pipeline's start_t
+                    z_pure = schedule.add_noise(z_first, z_pure, t_top)
                 ctx_copy = ctx_uncond.expand_as(ctx) if config.copy_text_drop else ctx_g
                 x0_copy = schedule.predict_x0(generator(z_pure, t_top, ctx_copy, h_retr, lam), z_pure, t_top)
                 loss_copy = F.smooth_l1_loss(x0_copy, z_first, beta=1.0)

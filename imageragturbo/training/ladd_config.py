@@ -87,6 +87,14 @@ class LaddConfig:
     copy_text_drop: bool = False
     """With ``copy_weight``: the copy pass sees the empty prompt, so the neighbours alone tell
     it what to draw (colour, shape, count, background); the main pass keeps the caption."""
+    copy_start_t: int = 0
+    """With ``copy_weight`` (beyond the paper; the training side of the pipeline's ``start_t``):
+    the copy pass starts from that first neighbour's latent noised to this timestep (fresh
+    noise) instead of pure noise at T, so the LoRA and adapter learn to finish a neighbour
+    rather than redraw the prompt from the decoder's text prior. 0: pure noise. Needs
+    ``retrieval``: the control's input would otherwise carry the neighbour, so its copy pass
+    stays at pure noise. Measured (results/ladd-experiments.md section 10): at t = 499 it does
+    not beat the bare student's own neighbour start on the tail."""
     style_targets: bool = False
     """Adapter runs on a ``world:N`` database (docs/world.md v2's styles): every item's target gets a
     style drawn independently of its noise and prompt, and its neighbours come from the training

@@ -25,18 +25,21 @@ def one_step_images(
     prompts: list[tuple[str, int]],
     swapped: bool = False,
     h_rows: np.ndarray | None = None,
+    start_t: int = 0,
 ) -> np.ndarray:
     """uint8 [P, H, W, 3]: one-step images of (caption, seed) ``prompts``, retrieving from ``database``.
 
     ``h_rows`` (float [N, C, h, w]) replaces the store's H-features (the same rows in another
     style); ``swapped``: the generator's prompt has one colour or shape swapped (as
-    ``text_swap`` trains), while retrieval keeps the true caption.
+    ``text_swap`` trains), while retrieval keeps the true caption; ``start_t`` (> 0, adapter
+    runs): the step starts from the top neighbour's stored latent noised to it, as the
+    pipeline's ``start_t``.
     """
     captions = [p for p, _ in prompts]
     device = next(generator.parameters()).device
     noise = initial_noise([s for _, s in prompts], latent_shape(parts.unet)).to(device)
     encoded = encoder(captions)
-    t = torch.full((len(captions),), config.student_timesteps[0], device=device)
+    t = torch.full((len(captions),), start_t or config.student_timesteps[0], device=device)
     h_retr = lam = None
     if generator.mode == "adapter":
         found = database.retrieve(encoded.q.cpu().numpy(), config.k, h_rows=h_rows)
@@ -44,6 +47,10 @@ def one_step_images(
         lam = torch.from_numpy(found.gate).to(device)
         if not config.retrieval:
             lam = torch.zeros_like(lam)
+        if start_t:
+            noise = schedule.add_noise(torch.from_numpy(found.top_latents()).to(device), noise, t)
+    elif start_t:
+        raise ValueError("start_t needs an adapter run (it starts from a retrieved neighbour)")
     ctx = encoded.ctx
     if swapped:
         rng = np.random.default_rng(0)
@@ -55,14 +62,16 @@ def one_step_images(
     return tensor_to_images(decode_latents(parts.vae, x0))
 
 
-def evaluate(config, parts, generator, schedule, encoder, database, split: str = "test-seen", swapped: bool = False) -> float:
+def evaluate(
+    config, parts, generator, schedule, encoder, database, split: str = "test-seen", swapped: bool = False, start_t: int = 0
+) -> float:
     """One-step verifier score on ``config.eval_prompts`` shapes-world prompts of ``split``,
-    retrieving from ``database`` (``swapped``: see :func:`one_step_images`)."""
+    retrieving from ``database`` (``swapped``, ``start_t``: see :func:`one_step_images`)."""
     from imageragturbo.world.splits import eval_prompts
     from imageragturbo.world.verifier import verify_batch
 
     prompts = eval_prompts(split, config.eval_prompts)
-    images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, swapped)
+    images = one_step_images(config, parts, generator, schedule, encoder, database, prompts, swapped, start_t=start_t)
     return verify_batch(list(images), [p for p, _ in prompts]).mean_score
 
 

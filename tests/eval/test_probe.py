@@ -44,8 +44,12 @@ def _own_h(pipe, encoded):
 @torch.inference_mode()
 def test_each_probe_takes_the_neighbour_through_its_own_path(world_model):
     pipe, z0 = _pipe(world_model, _own_h)
-    latents = probe_latents(pipe, PROMPTS, timesteps=(499,), h_timesteps=(249,))
-    assert list(latents) == ["off", "neighbour image", "neighbour H", "neighbour H at t=249", "neighbour at t=499"]
+    latents = probe_latents(pipe, PROMPTS, timesteps=(499,), h_timesteps=(249,), noise_sigmas=(0.2,))
+    assert list(latents) == ["off", "neighbour image", "neighbour H", "neighbour H at t=249", "neighbour at t=499",
+                             "neighbour + latent noise σ=0.2"]
+    # the noised neighbour row is the stored latent moved by noise of that scale, no model
+    spread = (latents["neighbour + latent noise σ=0.2"] - z0).std()
+    assert 0.15 < float(spread) < 0.25
     # off is the pipeline's own one-step output; the neighbour image is the stored latent
     off = pipe([c for c, _ in PROMPTS], [s for _, s in PROMPTS], mode="off").latents
     torch.testing.assert_close(latents["off"], off)
@@ -69,8 +73,10 @@ def test_probe_split_scores_every_probe_and_needs_a_database(world_model):
     pipe, _ = _pipe(world_model, _own_h)
     rows = probe_split(pipe, PROMPTS, "test-held")
     assert [r.name for r in rows] == ["off", "neighbour image", "neighbour H", "neighbour H at t=249",
-                                      "neighbour H at t=499", "neighbour H at t=749", "neighbour at t=249",
-                                      "neighbour at t=499", "neighbour at t=749"]
+                                      "neighbour H at t=499", "neighbour H at t=749", "neighbour at t=99",
+                                      "neighbour at t=249", "neighbour at t=499", "neighbour at t=749",
+                                      "neighbour + latent noise σ=0.1", "neighbour + latent noise σ=0.2",
+                                      "neighbour + latent noise σ=0.3"]
     assert all(r.n == 3 and 0.0 <= r.mean_score <= 1.0 and r.split == "test-held" for r in rows)
     mse = {r.name: r.latent_mse for r in rows}
     assert mse["neighbour image"] == 0.0 and all(v > 0 for k, v in mse.items() if k != "neighbour image")
@@ -90,7 +96,7 @@ def test_eval_probe_command(world_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| probe | test-held |" in printed and "| neighbour image |" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 9 and all(np.isfinite(r["mean_score"]) and np.isfinite(r["latent_mse"]) and r["n"] == 3 for r in rows)
+    assert len(rows) == 13 and all(np.isfinite(r["mean_score"]) and np.isfinite(r["latent_mse"]) and r["n"] == 3 for r in rows)
     # a bad fit setting is a clear error, not a traceback
     assert main(["eval", "probe", "--model", str(world_model), "--fit-lr", "0"]) == 2
     assert "--fit-lr must be > 0" in capsys.readouterr().err

@@ -42,12 +42,18 @@ def test_table_on_a_toy_world_model(tiny_world_model, tmp_path):
     assert np.allclose(report["minus_control"]["student 1-step, neighbour start t=499"]["test-tail"]["per_set"],
                        np.subtract(student_start, control))
     assert set(report["minus_control"]) == {"ImageRAGTurbo 1-step (adapter)", "ImageRAGTurbo 1-step, neighbour start t=499",
-                                            "student 1-step, neighbour start t=499"}
+                                            "student 1-step, neighbour start t=499", "student 1-step, neighbour start t=249"}
+    # retrieval alone: the same student weights with and without the neighbour start
+    student = report["fidelity"]["student 1-step (off)"]["test-tail"]["per_set"]
+    assert set(report["minus_student"]) == {"student 1-step, neighbour start t=499", "student 1-step, neighbour start t=249"}
+    assert np.allclose(report["minus_student"]["student 1-step, neighbour start t=499"]["test-tail"]["per_set"],
+                       np.subtract(student_start, student))
     assert set(report["style"]) == {"student (off)", "no-retrieval finetune", "injection w=0.8", "ImageRAGTurbo (adapter)",
                                     "student, neighbour start t=499"}
     assert all(set(v) == {"grey", "bright", "dim"} for v in report["style"].values())
     md = (tmp_path / "fidelity.md").read_text()
     assert "adapter − no-retrieval control (paired)" in md and "± " in md
     assert "student, neighbour start t=499 − no-retrieval control (paired)" in md
+    assert "student, neighbour start t=249 − student (paired: retrieval alone)" in md
     assert (tmp_path / "fidelity.png").is_file() and (tmp_path / "style_grid.png").is_file()
     assert json.loads((tmp_path / "fidelity.json").read_text())["seed_sets"] == 2

@@ -72,8 +72,19 @@ def test_copy_term_is_logged_changes_the_update_and_needs_an_adapter_run(world_l
     dropped, dropped_losses = adapter_after_one_step("copy_text_drop", copy_weight=1.0, copy_text_drop=True)
     assert dropped_losses["copy"] != copy_losses["copy"]  # the copy pass saw the empty prompt
     assert any(not torch.equal(copied[k], dropped[k]) for k in copied)
+    started, started_losses = adapter_after_one_step("copy_start", copy_weight=1.0, copy_start_t=499)
+    assert started_losses["copy"] != copy_losses["copy"]  # the copy pass started from the neighbour
+    assert any(not torch.equal(copied[k], started[k]) for k in copied)
+    ladd.run(_config(world_like_model, "adapter", steps=1, copy_weight=1.0, copy_start_t=499), tmp_path / "scored")
+    history = [json.loads(line) for line in (tmp_path / "scored" / "history.jsonl").read_text().splitlines()]
+    assert all(0.0 <= h["verifier_test_seen_start"] <= 1.0 for h in history)  # also scored from the neighbour
     with pytest.raises(ValueError, match="copy_text_drop"):
         ladd.run(_config(world_like_model, "adapter", copy_text_drop=True), tmp_path / "bad_drop")
+    for bad in ({"copy_start_t": 499}, {"copy_weight": 1.0, "copy_start_t": 499, "retrieval": False},
+                {"copy_weight": 1.0, "copy_start_t": 999}):
+        # no copy term, the control (its input would carry the neighbour), t outside [1, T)
+        with pytest.raises(ValueError, match="copy_start_t"):
+            ladd.run(_config(world_like_model, "adapter", **bad), tmp_path / "bad_start")
     with pytest.raises(ValueError, match="copy_weight"):
         ladd.run(_config(world_like_model, "student", copy_weight=1.0), tmp_path / "bad")
 
