@@ -48,17 +48,19 @@ LOW_START_T = 249
 reported beside the pre-chosen t = 499, not in its place."""
 STUDENT_LOW_START_ROW = f"student 1-step, neighbour start t={LOW_START_T}"
 STUDENT_ROW = "student 1-step (off)"
+CONTROL_ROW = "no-retrieval finetune (gate 0)"
+ADAPTER_ROW = "ImageRAGTurbo 1-step (adapter)"
 
 # Which weights each row runs on: the bare one-step student, the adapter run (adapter + its
 # decoder LoRA), or the control (the same finetune with the gate at 0: its LoRA, mode off).
 ROWS: tuple[tuple[str, RowSpec], ...] = (
     ("student", RowSpec("teacher 25-step (CFG 3)", "teacher", steps=25, cfg_scale=3.0)),
     ("student", RowSpec(STUDENT_ROW, "off")),
-    ("control", RowSpec("no-retrieval finetune (gate 0)", "off")),
+    ("control", RowSpec(CONTROL_ROW, "off")),
     ("student", RowSpec("injection w=0.8", "inject", inject_w=0.8)),
     ("student", RowSpec("injection, oracle w", "inject", inject_w=None)),
     ("student", RowSpec("injection, oracle w, random row", "inject", inject_w=None)),
-    ("adapter", RowSpec("ImageRAGTurbo 1-step (adapter)", "adapter")),
+    ("adapter", RowSpec(ADAPTER_ROW, "adapter")),
     ("adapter", RowSpec("ImageRAGTurbo 4-step (adapter)", "adapter", steps=4)),
     # Beyond the paper: one step from the top-1 neighbour's latent noised to t = 499 (halfway,
     # the 4-step schedule's third level; fixed before any score was seen) instead of from noise.
@@ -66,8 +68,6 @@ ROWS: tuple[tuple[str, RowSpec], ...] = (
     ("student", RowSpec(STUDENT_LOW_START_ROW, "off", start_t=LOW_START_T)),
     ("adapter", RowSpec(START_ROW, "adapter", start_t=START_T)),
 )
-CONTROL_ROW = "no-retrieval finetune (gate 0)"
-ADAPTER_ROW = "ImageRAGTurbo 1-step (adapter)"
 # The rows given again minus the control, paired per seed set, and their labels.
 MINUS_CONTROL = ((ADAPTER_ROW, "adapter − no-retrieval control (paired)"),
                  (START_ROW, f"adapter, neighbour start t={START_T} − no-retrieval control (paired)"),

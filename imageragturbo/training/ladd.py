@@ -206,9 +206,10 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
         ``style_targets`` runs the share of outputs in their neighbours' style."""
         model, result = accelerator.unwrap_model(generator), {}
         for split, database in eval_sets:
-            result["verifier_" + split.replace("-", "_")] = evaluate(config, parts, model, schedule, encoder, database, split)
+            key = "verifier_" + split.replace("-", "_")
+            result[key] = evaluate(config, parts, model, schedule, encoder, database, split)
             if config.copy_start_t:
-                result["verifier_" + split.replace("-", "_") + "_start"] = evaluate(
+                result[key + "_start"] = evaluate(
                     config, parts, model, schedule, encoder, database, split, start_t=config.copy_start_t
                 )
         if config.text_swap > 0:
@@ -305,13 +306,13 @@ def run(config: LaddConfig, out_dir: str | Path, resume: bool = False) -> Path:
             loss_copy = x0_hat.new_zeros(())
             if config.copy_weight > 0:
                 z_first = torch.from_numpy(copy_targets(store, styled, style_idx, keep[:, 0])).to(device)
-                z_pure = torch.randn(z0.shape, generator=gen).to(device)
-                t_top = torch.full_like(t, config.copy_start_t or config.student_timesteps[0])
+                z_copy = torch.randn(z0.shape, generator=gen).to(device)
+                t_copy = torch.full_like(t, config.copy_start_t or config.student_timesteps[0])
                 if config.copy_start_t:
                     # one step from the neighbour noised to copy_start_t, as the pipeline's start_t
-                    z_pure = schedule.add_noise(z_first, z_pure, t_top)
+                    z_copy = schedule.add_noise(z_first, z_copy, t_copy)
                 ctx_copy = ctx_uncond.expand_as(ctx) if config.copy_text_drop else ctx_g
-                x0_copy = schedule.predict_x0(generator(z_pure, t_top, ctx_copy, h_retr, lam), z_pure, t_top)
+                x0_copy = schedule.predict_x0(generator(z_copy, t_copy, ctx_copy, h_retr, lam), z_copy, t_copy)
                 loss_copy = F.smooth_l1_loss(x0_copy, z_first, beta=1.0)
                 loss_g = loss_g + config.copy_weight * loss_copy
             opt_g.zero_grad(set_to_none=True)
